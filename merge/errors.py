@@ -1,0 +1,54 @@
+"""Errors a user can act on.
+
+Library code raises these; the CLI prints ``str(error)`` (one line per problem) and exits 2.
+A phase that finds several problems raises one error holding all of them, so a user fixes
+everything in one go. Anything else escaping the library is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class MergeError(Exception):
+    """Base class: one or more one-line problems."""
+
+    exit_code = 2
+
+    def __init__(self, problems: str | Iterable[str]):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems: list[str] = [p for p in problems if p]
+        super().__init__("\n".join(self.problems))
+
+
+class RecipeError(MergeError):
+    """The recipe is malformed: schema, types, ranges, unknown keys or methods."""
+
+
+class SourceError(MergeError):
+    """A model reference cannot be resolved to local files."""
+
+
+class CheckpointError(MergeError):
+    """A checkpoint is missing, unreadable, truncated or of an unknown format."""
+
+
+class PlanError(MergeError):
+    """Recipe and checkpoints do not fit together: missing tensors, shapes, layer ranges."""
+
+
+class OutputError(MergeError):
+    """The output location is unusable: exists, inside an input, no disk space."""
+
+
+class PublishError(MergeError):
+    """Publishing to the Hub failed."""
+
+
+def collect(errors: Iterable[MergeError], cls: type[MergeError] = MergeError) -> MergeError:
+    """Merge several errors of one phase into one (keeps the most specific common class)."""
+    problems: list[str] = []
+    for e in errors:
+        problems.extend(e.problems)
+    return cls(problems)
