@@ -1,0 +1,428 @@
+"""Streamed shard writing, the index json, and the atomic output directory.
+
+Design. The shard plan is a pure function of the output tensors' names, shapes and dtypes
+(:func:`plan_shards` -> :class:`ShardPlan`), fixed before any tensor is computed, so every shard
+is written once, under its final name. Because every shape and dtype is known up front, the
+:class:`ShardWriter` writes each shard's safetensors header first and then streams each
+tensor's raw bytes straight to the file as the executor hands it over: nothing is buffered
+beyond the tensor being written. :class:`AtomicOutput` gives the writer a temporary sibling
+directory and renames it into place only when the whole output is complete, so a failed run
+leaves nothing behind and an existing output is never touched without ``overwrite``.
+
+What it does not do: compute, cast or reorder tensors (the executor hands them over in plan
+order and in the planned dtype), deduplicate shared storage, write config or tokenizer files,
+or fsync (a crash of the machine itself, as opposed to the process, may leave a renamed but
+partly flushed output). Like safetensors, it assumes a little-endian host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+
+from merge.errors import OutputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: its name, shape and output (storage) dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"tensor '{self.name}': negative dimension in shape {self.shape}")
+        if self.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor '{self.name}': dtype {self.dtype} cannot be stored")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One output file and the tensors it holds, in writing order."""
+
+    filename: str
+    tensors: tuple[TensorSpec, ...]
+    nbytes: int  # tensor data only, without the header
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """All output shards, in writing order."""
+
+    shards: tuple[Shard, ...]
+    total_bytes: int
+    _by_name: dict[str, Shard] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_name = {spec.name: shard for shard in self.shards for spec in shard.tensors}
+        object.__setattr__(self, "_by_name", by_name)
+
+    def shard_of(self, name: str) -> Shard:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"tensor '{name}' is not in the shard plan") from None
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard file name, as in ``model.safetensors.index.json``."""
+        return {name: shard.filename for name, shard in self._by_name.items()}
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        """Every tensor, in writing order."""
+        return tuple(spec for shard in self.shards for spec in shard.tensors)
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> ShardPlan:
+    """Split tensors into shards greedily, keeping the given order.
+
+    A new shard starts when adding a tensor would take the current one past
+    ``max_shard_bytes``; a tensor larger than that gets a shard of its own.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max shard size must be positive, got {max_shard_bytes}")
+    if not specs:
+        raise ValueError("no tensors to write")
+    seen: set[str] = set()
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(f"tensor '{spec.name}' appears twice in the output")
+        seen.add(spec.name)
+        if groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    count = len(groups)
+    shards = tuple(
+        Shard(
+            filename=shard_filename(i, count),
+            tensors=tuple(group),
+            nbytes=sum(s.nbytes for s in group),
+        )
+        for i, group in enumerate(groups)
+    )
+    return ShardPlan(shards=shards, total_bytes=sum(s.nbytes for s in shards))
+
+
+def shard_filename(index: int, count: int) -> str:
+    """File name of shard ``index`` (0-based) of ``count``, as transformers names them."""
+    if count == 1:
+        return SINGLE_NAME
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS.update({f"{_p}": 10 ** (3 * _i), f"{_p}b": 10 ** (3 * _i), f"{_p}ib": 2 ** (10 * _i)})
+
+
+def parse_size(text: str | int, what: str = "shard size") -> int:
+    """Parse a byte size: ``5GB`` (10**9), ``2GiB`` (2**30), ``500MB``, ``1.5GB``, ``123``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"{what} must be a size like 5GB or 500MB, got {str(text)!r}")
+        value = round(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{what} must be a size like 5GB or 500MB, got {str(text)!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _header_bytes(shard: Shard, metadata: dict[str, str]) -> bytes:
+    """The safetensors header: 8-byte little-endian length + JSON padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in shard.tensors:
+        end = offset + spec.nbytes
+        header[spec.name] = {
+            "dtype": _DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ShardWriter:
+    """Writes the tensors of a :class:`ShardPlan`, in plan order, into ``directory``.
+
+    ``write`` raises ``ValueError`` for a tensor out of order, or of the wrong shape or dtype;
+    ``close`` raises ``RuntimeError`` if any planned tensor was not written.
+    """
+
+    def __init__(
+        self, directory: Path, plan: ShardPlan, metadata: dict[str, str] | None = None
+    ) -> None:
+        if sys.byteorder != "little":  # pragma: no cover
+            raise RuntimeError("safetensors shards can only be written on a little-endian host")
+        metadata = dict(metadata or {})
+        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise ValueError(f"safetensors metadata must map str to str; bad entries: {bad}")
+        self.directory = Path(directory)
+        self.plan = plan
+        self.metadata = {**metadata, "format": "pt"}
+        self.written_bytes = 0
+        self._order = [(i, spec) for i, shard in enumerate(plan.shards) for spec in shard.tensors]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._file_shard = -1
+        self._data_start = 0
+        self._closed = False
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Stream one tensor's bytes into its shard (opening the shard when it starts)."""
+        if self._closed:
+            raise ValueError(f"cannot write tensor '{name}': the writer is closed")
+        if self._next >= len(self._order):
+            raise ValueError(f"cannot write tensor '{name}': every planned tensor is written")
+        shard_index, spec = self._order[self._next]
+        self._check(name, spec, tensor)
+        if shard_index != self._file_shard:
+            self._finish_shard()
+            self._open_shard(shard_index)
+        assert self._file is not None
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        self._file.write(data.data)  # the array's own buffer: no copy
+        self.written_bytes += spec.nbytes
+        self._next += 1
+
+    def _check(self, name: str, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        if name != spec.name:
+            known = any(name == s.name for _, s in self._order)
+            problem = "written out of order" if known else "is not in the shard plan"
+            raise ValueError(f"tensor '{name}' {problem}: expected '{spec.name}' next")
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(tensor.shape)}, planned {spec.shape}"
+            )
+        if tensor.dtype != spec.dtype:
+            raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, planned {spec.dtype}")
+
+    def _open_shard(self, index: int) -> None:
+        shard = self.plan.shards[index]
+        self._file = open(self.directory / shard.filename, "xb")
+        self._file_shard = index
+        self._file.write(_header_bytes(shard, self.metadata))
+        self._data_start = self._file.tell()
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        shard = self.plan.shards[self._file_shard]
+        written = self._file.tell() - self._data_start
+        self._file.close()
+        self._file = None
+        if written != shard.nbytes:  # pragma: no cover - guarded by the shape/dtype checks
+            raise RuntimeError(f"{shard.filename}: wrote {written} bytes, planned {shard.nbytes}")
+
+    def close(self) -> None:
+        """Check that everything was written, close the last shard, write the index json."""
+        if self._closed:
+            return
+        missing = [spec.name for _, spec in self._order[self._next :]]
+        if missing:
+            self.abort()
+            shown = ", ".join(f"'{n}'" for n in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise RuntimeError(
+                f"output incomplete: {len(missing)} tensors not written: {shown}{more}"
+            )
+        self._finish_shard()
+        self._closed = True
+        if len(self.plan.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.plan.total_bytes},
+                "weight_map": dict(sorted(self.plan.weight_map.items())),
+            }
+            text = json.dumps(index, indent=2) + "\n"
+            (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")
+
+    def abort(self) -> None:
+        """Close open handles without any checks (the atomic output removes the files)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+class AtomicOutput:
+    """Context manager: a temporary sibling directory that becomes ``final`` on success.
+
+    On success an existing ``final`` (only with ``overwrite``) is moved aside, the temporary
+    directory renamed into place, and the old one deleted. On an exception the temporary
+    directory is removed and any existing ``final`` is left untouched.
+    """
+
+    def __init__(self, final: Path, overwrite: bool = False) -> None:
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.temp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self._refuse_existing()
+        parent = self.final.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.temp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is not
+        return self.temp
+
+    def _refuse_existing(self) -> None:
+        if not os.path.lexists(self.final):
+            return
+        if not self.overwrite:
+            raise OutputError(
+                f"output '{self.final}' already exists; pass --overwrite to replace it"
+            )
+        if not self.final.is_dir() or self.final.is_symlink():
+            raise OutputError(f"output '{self.final}' exists and is not a directory")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self.temp is not None, "AtomicOutput used without entering it"
+        temp, self.temp = self.temp, None
+        if exc_type is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+            return
+        try:
+            self._refuse_existing()  # it may have appeared while we were writing
+            self._replace(temp)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+    def _replace(self, temp: Path) -> None:
+        if not os.path.lexists(self.final):
+            os.rename(temp, self.final)
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=temp.parent))
+        old = trash / "old"
+        os.rename(self.final, old)
+        try:
+            os.rename(temp, self.final)
+        except BaseException:
+            os.rename(old, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_location(final: Path, inputs: Sequence[Path]) -> list[str]:
+    """Problems with writing to ``final`` given the input model directories, one per line.
+
+    The output may not be an input or lie inside one; no input may lie inside an existing
+    output (replacing the output with ``--overwrite`` would delete it).
+    """
+    out = Path(final).expanduser().resolve()
+    problems: list[str] = []
+    for given in inputs:
+        src = Path(given).expanduser().resolve()
+        if _inside(out, src):
+            problems.append(
+                f"output '{final}' is inside input model '{given}' ({src}); "
+                "choose another directory"
+            )
+        elif _inside(src, out) and out.exists():
+            problems.append(
+                f"input model '{given}' ({src}) is inside output '{final}', which "
+                "--overwrite would delete; choose another directory"
+            )
+    return problems
+
+
+def check_disk_space(final: Path, needed_bytes: int) -> str | None:
+    """A one-line problem if the file system holding ``final`` has too little free space."""
+    probe = Path(final).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= needed_bytes:
+        return None
+    return (
+        f"not enough disk space for output '{final}': needs {needed_bytes / 1e9:.2f} GB, "
+        f"{free / 1e9:.2f} GB free on {probe}"
+    )
