@@ -1,0 +1,104 @@
+"""The validated recipe, in the shape the planner consumes.
+
+``models:`` recipes and ``slices:`` recipes both become lists of ``Source`` with parsed
+parameter values and the recipe path each came from (so later phases can cite a line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from merge.recipe.params import ParamValue
+from merge.recipe.schema import RecipeSchema, TokenizerConfig
+from merge.recipe.yamlsrc import Locator, PathKey
+
+if TYPE_CHECKING:  # pragma: no cover
+    from merge.methods import Method
+
+Params = dict[str, ParamValue]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of the merge: a model, its own parameters, and where it was written."""
+
+    model: str
+    params: Params
+    path: PathKey
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """An output slice: sources of equal layer count, merged layer by layer."""
+
+    sources: tuple[Source, ...]
+    base_model: str | None
+    params: Params
+    path: PathKey
+
+    @property
+    def length(self) -> int:
+        r = self.sources[0].layer_range
+        assert r is not None
+        return r[1] - r[0]
+
+
+@dataclass
+class Recipe:
+    """A recipe that passed schema and method checks."""
+
+    file: Path
+    text: str
+    loc: Locator
+    schema: RecipeSchema
+    method: Method
+    params: Params
+    models: tuple[Source, ...] | None
+    slices: tuple[SliceSpec, ...] | None
+    base_model: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> str | None:
+        return self.schema.dtype
+
+    @property
+    def out_dtype(self) -> str | None:
+        return self.schema.out_dtype or self.schema.dtype
+
+    @property
+    def seed(self) -> int | None:
+        return self.schema.seed
+
+    @property
+    def tokenizer(self) -> TokenizerConfig | None:
+        return self.schema.tokenizer
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        if self.schema.tokenizer is not None:
+            return self.schema.tokenizer.source
+        return self.schema.tokenizer_source
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.schema.chat_template
+
+    def model_refs(self) -> list[str]:
+        """Every model named in the recipe, base first, each once, in recipe order."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for src in self.models or ():
+            refs.append(src.model)
+        for sl in self.slices or ():
+            if sl.base_model:
+                refs.append(sl.base_model)
+            refs.extend(s.model for s in sl.sources)
+        src_tok = self.tokenizer_source
+        if src_tok and src_tok not in ("base", "union"):
+            refs.append(src_tok)
+        return list(dict.fromkeys(refs))
