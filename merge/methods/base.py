@@ -1,0 +1,155 @@
+"""What a merge method is: a pure tensor function plus the typed parameters it declares.
+
+A method never reads files, logs, changes dtype or device, mutates its inputs or touches the
+global RNG. The planner checks every parameter value against its ``Param`` before any tensor is
+read, fills in defaults, and then calls ``method.fn(tensors, base, params, rng)`` per tensor.
+
+Call convention of ``Method.fn``:
+
+- ``tensors``: float32 tensors of one shape. For ``base="required"`` the non-base models in
+  recipe order; for ``base="input"`` every model, the base included; for ``base="none"`` the
+  single input.
+- ``base``: the base model's float32 tensor for ``base="required"``, else ``None``.
+- ``params``: every declared parameter, defaults already applied; per-model parameters are lists
+  aligned with ``tensors``, global ones are scalars.
+- ``rng``: a seeded CPU ``torch.Generator`` for ``random`` methods, else ``None``.
+
+The result is a float32 tensor of the same shape. It may be one of the inputs (unchanged, e.g. a
+passthrough with scale 1), so callers must not modify it in place.
+
+This module holds no method and no registry (see ``registry.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["REQUIRED", "Method", "MethodFn", "Param", "show_value"]
+
+
+class _Required(enum.Enum):
+    REQUIRED = "REQUIRED"
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required.REQUIRED
+"""Sentinel default: the parameter has no default and must be given."""
+
+MethodFn = Callable[
+    [list[Tensor], "Tensor | None", dict[str, Any], "torch.Generator | None"], Tensor
+]
+BaseRole = Literal["input", "required", "none"]
+
+
+def show_value(value: Any) -> str:
+    """Render a recipe value the way a user wrote it in YAML: true/false, null, 'text', 1.5."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a method: its type, range, default and scope.
+
+    ``per_model`` parameters are given under ``models[i].parameters`` (one value per model);
+    the others under the top-level ``parameters``. ``kind`` is ``float``, ``int`` or ``bool``.
+    ``low``/``high`` bound numbers, inclusive unless ``low_open``/``high_open``.
+    """
+
+    name: str
+    per_model: bool
+    kind: type
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        """True when the parameter has no default."""
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> str | None:
+        """Return ``None`` if ``value`` is acceptable, else a message like
+        ``"must be in (0, 1], got 1.5"``. Bools are not numbers, numbers are not bools, and
+        ints are accepted where floats are expected."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                return f"must be true or false, got {show_value(value)}"
+            return None
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"must be an integer, got {show_value(value)}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return f"must be a number, got {show_value(value)}"
+        if not self._in_range(value):
+            rng = self.describe_range()
+            where = f"in {rng}" if rng[0] in "([" else rng
+            return f"must be {where}, got {show_value(value)}"
+        return None
+
+    def _in_range(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe_range(self) -> str:
+        """The allowed range in words: ``"(0, 1]"``, ``">= 0"``, ``"< 1"`` or ``""`` (any)."""
+        if self.kind is bool:
+            return ""
+        if self.low is not None and self.high is not None:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            return f"{left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named merge method: its pure tensor function, parameters and metadata.
+
+    ``base``: ``"input"`` (a base model, if set, is merged like any other model),
+    ``"required"`` (the base is separate, e.g. task vectors), ``"none"`` (no base at all).
+    ``min_models``/``max_models`` count ``tensors``, not a required base.
+    """
+
+    name: str
+    fn: MethodFn
+    params: tuple[Param, ...]
+    base: BaseRole
+    min_models: int
+    max_models: int | None
+    paper: str | None
+    description: str
+    random: bool = False
+
+    def param(self, name: str) -> Param | None:
+        """The declared parameter called ``name``, or ``None``."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None

@@ -1,0 +1,75 @@
+"""Spherical linear interpolation between the base and one other model (Shoemake 1985).
+
+With ``x0`` the base, ``x1`` the other model, flattened:
+
+    u_k = x_k / |x_k|            (x_k itself when |x_k| <= 1e-8)
+    dot = u0 . u1
+    if |dot| > 0.9995:  out = (1 - t) x0 + t x1                       (near (anti)parallel: lerp)
+    else:               th = acos(dot)
+                        out = sin((1 - t) th) / sin(th) x0 + sin(t th) / sin(th) x1
+
+The raw tensors (not the unit vectors) are interpolated, so norms are interpolated too.
+``t = 0`` returns the base and ``t = 1`` the other model exactly (the inputs themselves).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from merge.methods.base import Method, Param
+
+__all__ = ["DOT_THRESHOLD", "EPS", "SLERP", "slerp", "slerp_tensors"]
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+def _unit_dot(x0: Tensor, x1: Tensor) -> float:
+    """Cosine of the flattened tensors; a tensor with norm <= EPS is used as is."""
+    n0 = torch.linalg.vector_norm(x0).item()
+    n1 = torch.linalg.vector_norm(x1).item()
+    dot = torch.dot(x0.reshape(-1), x1.reshape(-1)).item()
+    return dot / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+
+
+def slerp_tensors(t: float, x0: Tensor, x1: Tensor) -> Tensor:
+    """Slerp from ``x0`` (t=0) to ``x1`` (t=1); lerp when ``|dot| > DOT_THRESHOLD``."""
+    if t == 0:
+        return x0
+    if t == 1:
+        return x1
+    dot = _unit_dot(x0, x1)
+    if abs(dot) > DOT_THRESHOLD:
+        return x0 * (1 - t) + x1 * t
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    s0 = math.sin((1 - t) * theta) / sin_theta
+    s1 = math.sin(t * theta) / sin_theta
+    return x0 * s0 + x1 * s1
+
+
+def slerp(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+) -> Tensor:
+    """Slerp between ``base`` (t=0) and the single other tensor (t=1) at ``params["t"]``."""
+    if base is None or len(tensors) != 1:
+        raise ValueError(f"slerp needs a base and exactly one other tensor, got {len(tensors)}")
+    return slerp_tensors(float(params["t"]), base, tensors[0])
+
+
+SLERP = Method(
+    name="slerp",
+    fn=slerp,
+    params=(
+        Param("t", False, float, low=0, high=1, help="0 gives the base model, 1 the other one"),
+    ),
+    base="required",
+    min_models=1,
+    max_models=1,
+    paper="https://en.wikipedia.org/wiki/Slerp",
+    description="spherical interpolation between the base model and one other model",
+)
