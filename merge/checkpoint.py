@@ -1,0 +1,324 @@
+"""Lazy checkpoint reading: tensor headers up front, tensor data only when asked.
+
+Design
+------
+``Checkpoint.open`` finds the weight files of a Hugging Face model folder and reads only their
+headers: for safetensors the 8-byte length + JSON header is parsed here directly (no data is
+touched, so a 70B model opens in milliseconds); for torch ``.bin`` files ``torch.load`` runs with
+``mmap=True`` so the pickle metadata is read and the data stays mapped until used. Everything
+the planner needs (names, shapes, dtypes, sizes, which file) is in ``Checkpoint.tensors``.
+``Checkpoint.read`` then returns one tensor at a time in its stored dtype on the CPU, through
+``safetensors.safe_open`` handles cached per file.
+
+Every problem found while opening (missing folder, no weights, corrupt or truncated header,
+missing shard, index inconsistent with the shards, bad ``config.json``) is a ``CheckpointError``
+whose lines name the model label and the file.
+
+What this module does not do: download (see ``merge.sources``/``merge.hub``), LoRA adapters,
+GGUF or other formats, dtype conversion, or any writing: inputs are opened read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+
+from merge.errors import CheckpointError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+Format = Literal["safetensors", "bin"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor; no data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    nbytes: int
+
+
+def _where(label: str, path: Path) -> str:
+    return f"model '{label}' ({path})"
+
+
+# --- safetensors headers ---------------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header (and nothing else) into ``TensorInfo`` entries."""
+    where = _where(label, path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{where}: truncated: the file has {size} bytes")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{where}: corrupt header: declares {header_len} header bytes "
+                    f"but the file has {size}"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: corrupt header: not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: corrupt header: expected a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    return {
+        name: _tensor_info(name, entry, path, where, data_size, size)
+        for name, entry in header.items()
+    }
+
+
+def _tensor_info(
+    name: str, entry: Any, path: Path, where: str, data_size: int, file_size: int
+) -> TensorInfo:
+    """Validate one header entry: dtype, shape, offsets inside the file, size matching shape."""
+    try:
+        dtype_name = entry["dtype"]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: corrupt header: bad entry for tensor '{name}'") from e
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where}: tensor '{name}' has unsupported dtype {dtype_name!r}")
+    if end > data_size:
+        raise CheckpointError(
+            f"{where}: truncated: tensor '{name}' needs bytes up to {file_size - data_size + end}"
+            f" but the file has {file_size} bytes"
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * dtype.itemsize
+    if begin < 0 or min(shape, default=0) < 0 or end - begin != nbytes:
+        raise CheckpointError(
+            f"{where}: corrupt header: tensor '{name}' has shape {list(shape)} ({nbytes} bytes)"
+            f" but offsets [{begin}, {end}]"
+        )
+    return TensorInfo(name, shape, dtype, path, nbytes)
+
+
+# --- torch .bin ------------------------------------------------------------------------------
+
+
+def load_bin(path: Path, label: str) -> dict[str, torch.Tensor]:
+    """``torch.load`` a .bin file memory-mapped (zip format) or plainly (legacy format)."""
+    where = _where(label, path)
+    try:
+        if zipfile.is_zipfile(path):
+            obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        else:  # legacy pre-1.6 format: cannot be memory-mapped
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # unpickling raises many types; all mean "unreadable file"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: cannot read: {first}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}: expected a state dict, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _bin_info(name: str, t: torch.Tensor, path: Path) -> TensorInfo:
+    return TensorInfo(name, tuple(t.shape), t.dtype, path, t.numel() * t.element_size())
+
+
+# --- folder layout ---------------------------------------------------------------------------
+
+
+def _find_weights(directory: Path, label: str) -> tuple[Format, Path]:
+    """Pick the weight entry point: single or indexed safetensors first, then .bin."""
+    for fmt, name in (
+        ("safetensors", SAFE_SINGLE),
+        ("safetensors", SAFE_INDEX),
+        ("bin", BIN_SINGLE),
+        ("bin", BIN_INDEX),
+    ):
+        if (directory / name).is_file():
+            return fmt, directory / name  # type: ignore[return-value]
+    loose = [p for p in directory.glob("*.safetensors") if not p.name.startswith("adapter_")]
+    if len(loose) == 1 and loose[0].is_file():
+        return "safetensors", loose[0]
+    raise CheckpointError(
+        f"{_where(label, directory)}: no model weights found: expected {SAFE_SINGLE}, "
+        f"{SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def _read_index(index: Path, label: str) -> dict[str, Path]:
+    """Read an index json's weight_map; every listed shard must exist."""
+    where = _where(label, index)
+    weight_map = _read_json(index, label).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{where}: 'weight_map' is missing or not a name -> file mapping")
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        raise CheckpointError(
+            [f"{where}: missing shard '{f}' listed in the index" for f in missing]
+        )
+    return {name: index.parent / f for name, f in weight_map.items()}
+
+
+def _check_index(weight_map: dict[str, Path], found: dict[str, TensorInfo], where: str) -> None:
+    """Every tensor the index lists must be in the shard it names."""
+    problems = [
+        f"{where}: the index puts tensor '{name}' in '{file.name}' but that shard lacks it"
+        for name, file in weight_map.items()
+        if name not in found or found[name].file != file
+    ]
+    if problems:
+        raise CheckpointError(problems)
+
+
+def _read_json(path: Path, label: str) -> dict[str, Any]:
+    where = _where(label, path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: cannot read: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    return data
+
+
+# --- the checkpoint --------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """One model folder: config, tensor headers, and lazy per-tensor reads."""
+
+    def __init__(
+        self,
+        directory: Path,
+        label: str,
+        config: dict[str, Any],
+        tensors: dict[str, TensorInfo],
+        format: Format,
+        bin_tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.label = label
+        self.config = config
+        self.tensors = tensors
+        self.format: Format = format
+        self._bin = bin_tensors or {}
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, directory: Path, label: str) -> Checkpoint:
+        """Read config and headers of the model in ``directory``; no tensor data is read."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{_where(label, directory)}: directory not found")
+        config_path = directory / "config.json"
+        config = _read_json(config_path, label) if config_path.is_file() else {}
+        fmt, entry = _find_weights(directory, label)
+        weight_map = _read_index(entry, label) if entry.name.endswith(".index.json") else None
+        files = sorted(set(weight_map.values())) if weight_map is not None else [entry]
+        tensors: dict[str, TensorInfo] = {}
+        bin_tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            if fmt == "safetensors":
+                tensors.update(read_safetensors_header(file, label))
+            else:
+                loaded = load_bin(file, label)
+                bin_tensors.update(loaded)
+                tensors.update({k: _bin_info(k, t, file) for k, t in loaded.items()})
+        if weight_map is not None:
+            _check_index(weight_map, tensors, _where(label, entry))
+        return cls(directory, label, config, tensors, fmt, bin_tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Load one tensor (stored dtype, CPU).
+
+        safetensors reads return a fresh tensor; .bin reads return the tensor zero-copy from a
+        private (copy-on-write) mapping: the file is safe, but do not mutate it in place.
+        """
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"model '{self.label}' has no tensor '{name}'")
+        if self.format == "bin":
+            return self._bin[name]
+        return self._handle(info.file).get_tensor(name)
+
+    def _handle(self, file: Path) -> Any:
+        with self._lock:
+            handle = self._handles.get(file)
+            if handle is None:
+                from safetensors import safe_open
+
+                handle = self._handles[file] = safe_open(str(file), framework="pt")
+            return handle
+
+    @property
+    def num_layers(self) -> int | None:
+        """Layer count from the config (also a nested ``text_config``), or None."""
+        for cfg in (self.config, self.config.get("text_config")):
+            if isinstance(cfg, dict):
+                for key in LAYER_COUNT_KEYS:
+                    value = cfg.get(key)
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        return value
+        return None
+
+    def close(self) -> None:
+        """Drop file handles and mapped .bin tensors."""
+        with self._lock:
+            self._handles.clear()
+        self._bin = {}
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {self.format}, {len(self.tensors)} tensors)"

@@ -1,0 +1,195 @@
+"""The only code that talks to the Hugging Face Hub.
+
+Design
+------
+``download_model`` fetches exactly what a merge needs from a model repo into the standard
+Hugging Face cache and returns the snapshot folder: config and other top-level json files,
+tokenizer files, and one weight format (safetensors + index if the repo has any, else
+``pytorch_model*.bin`` + index; never both, never gguf/onnx/msgpack/h5, ``original/`` or
+``consolidated.*``). Which files to take is decided by a pure function (``select_files``) over
+the repo listing when online, or over the cached snapshot when offline.
+
+Environment is read at call time (huggingface_hub reads some of it once at import):
+``HF_HUB_CACHE`` / ``HUGGINGFACE_HUB_CACHE`` / ``HF_HOME`` / ``XDG_CACHE_HOME`` pick the cache,
+``HF_HUB_OFFLINE`` switches to cache-only, ``HF_ENDPOINT`` the server. Every failure becomes a
+one-line ``SourceError`` with the next step.
+
+What this module does not do: publish (a later ``merge.hub`` part), resolve local paths
+(``merge.sources``), read weights, or record revisions for the lock file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from merge.errors import SourceError
+
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    }
+)
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+class HubUnreachableError(SourceError):
+    """The Hub could not be reached (network down, timeout, proxy); the cache may still help."""
+
+    reason: str = "the Hub cannot be reached"
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, from the environment as it is now."""
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(env[key]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in TRUE_VALUES
+
+
+def select_files(names: Iterable[str]) -> list[str]:
+    """The files of a repo listing a merge needs; no weight file at all means an empty list."""
+    top = sorted(n for n in names if "/" not in n)
+    safetensors = [
+        n
+        for n in top
+        if n.endswith(".safetensors") and not n.startswith(("consolidated.", "adapter_"))
+    ]
+    bins = [n for n in top if n.startswith("pytorch_model") and n.endswith(".bin")]
+    weights = safetensors or bins
+    if not weights:
+        return []
+    other_index = BIN_INDEX if safetensors else SAFE_INDEX
+    meta = [
+        n
+        for n in top
+        if (n.endswith(".json") and n != other_index and not n.startswith("consolidated."))
+        or n in TOKENIZER_FILES
+    ]
+    return sorted(set(weights) | set(meta))
+
+
+def download_model(repo_id: str, revision: str | None) -> Path:
+    """Fetch (or find in the cache) what a merge needs from ``repo_id`` and return its folder."""
+    label = repo_id if revision is None else f"{repo_id}@{revision}"
+    cache = hub_cache_dir()
+    if is_offline():
+        return _from_cache(repo_id, revision, cache, label, reason="HF_HUB_OFFLINE=1 is set")
+    from huggingface_hub import HfApi, snapshot_download
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    try:
+        with _hub_errors(label, revision, cache):
+            names = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
+    except HubUnreachableError as error:
+        return _from_cache(repo_id, revision, cache, label, reason=error.reason)
+    files = select_files(names)
+    if not files:
+        raise SourceError(
+            f"model '{label}': the repo has no safetensors or pytorch_model.bin weights"
+        )
+    with _hub_errors(label, revision, cache):
+        folder = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, allow_patterns=files, endpoint=endpoint
+        )
+    return Path(folder)
+
+
+def _from_cache(repo_id: str, revision: str | None, cache: Path, label: str, reason: str) -> Path:
+    """The cached snapshot for ``revision`` (branch, tag or commit), without any network."""
+    from huggingface_hub import snapshot_download
+
+    def cached(patterns: list[str]) -> Path:
+        with _hub_errors(label, revision, cache, offline_reason=reason):
+            return Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache,
+                    local_files_only=True,
+                    allow_patterns=patterns,
+                )
+            )
+
+    folder = cached(["config.json"])  # locates the snapshot; checks only config.json
+    files = select_files(p.name for p in folder.iterdir() if p.is_file())
+    if not files:
+        raise SourceError(f"model '{label}': the cached snapshot {folder} has no weights")
+    return cached(files)  # checks the chosen files against the cached repo listing, if any
+
+
+@contextmanager
+def _hub_errors(
+    label: str, revision: str | None, cache: Path, offline_reason: str | None = None
+) -> Iterator[None]:
+    """Turn huggingface_hub failures into one-line SourceErrors with the next step."""
+    from huggingface_hub import errors as hf
+
+    where = f"model '{label}'"
+    login = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
+    try:
+        yield
+    except hf.GatedRepoError as e:
+        raise SourceError(f"{where}: gated repo: accept its terms on the Hub, then {login}") from e
+    except hf.RepositoryNotFoundError as e:
+        raise SourceError(f"{where}: repo not found on the Hub (if it is private, {login})") from e
+    except hf.RevisionNotFoundError as e:
+        raise SourceError(f"{where}: revision '{revision}' not found in the repo") from e
+    except hf.IncompleteSnapshotError as e:
+        raise SourceError(
+            f"{where}: the cached snapshot in {cache} is incomplete; download it again online"
+        ) from e
+    except hf.LocalEntryNotFoundError as e:
+        if offline_reason is None:
+            raise SourceError(f"{where}: download failed: {_first_line(e)}") from e
+        raise SourceError(
+            f"{where}: not in the Hugging Face cache ({cache}) and {offline_reason}; "
+            "download it once online or use a local path"
+        ) from e
+    except hf.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            raise SourceError(f"{where}: access denied by the Hub; {login}") from e
+        raise SourceError(f"{where}: Hub request failed: {_first_line(e)}") from e
+    except Exception as e:
+        if not _is_network_error(e):
+            raise
+        reason = f"the Hub cannot be reached ({type(e).__name__}: {_first_line(e)})"
+        error = HubUnreachableError(f"{where}: {reason}; check your connection or proxy")
+        error.reason = reason
+        raise error from e
+
+
+def _is_network_error(e: BaseException) -> bool:
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, (ConnectionError, TimeoutError)) or module in {
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "requests",
+        "urllib3",
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
