@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tiny import ROOT, assert_loads_and_generates, load_state
 
 CHECKPOINTS = [

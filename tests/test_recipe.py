@@ -21,9 +21,7 @@ def problems(text: str) -> list[str]:
     return info.value.problems
 
 
-@pytest.mark.parametrize(
-    "name", sorted(p.name for p in COMPAT.glob("*.yaml") if p.name not in MOE)
-)
+@pytest.mark.parametrize("name", sorted(p.name for p in COMPAT.glob("*.yaml") if p.name not in MOE))
 def test_compat_recipes_parse_unchanged(name: str) -> None:
     recipe = load_recipe(COMPAT / name)
     assert recipe.method.name in name.replace("gradient_", "").replace("_frankenmerge", "") or (
@@ -96,8 +94,9 @@ def test_nested_unknown_key_and_out_of_range_are_reported_together() -> None:
 def test_unknown_method_suggests() -> None:
     got = problems("merge_method: tie\nmodels: [{model: a/b}]\n")
     assert len(got) == 1
-    assert got[0].startswith("r.yaml:1: merge_method: unknown merge method 'tie'; did you mean "
-                             "'ties'? (allowed: ")
+    assert got[0].startswith(
+        "r.yaml:1: merge_method: unknown merge method 'tie'; did you mean 'ties'? (allowed: "
+    )
 
 
 def test_wrong_types_name_the_value() -> None:
@@ -256,10 +255,14 @@ def test_chat_template_and_tokenizer_source_checked() -> None:
         tokenizer_source: "a@"
         """
     )
-    assert got[0] == ("r.yaml:4: tokenizer_source: must be base, union or a model: 'a@': "
-                      "missing revision after '@'")
-    assert got[1] == ("r.yaml:3: chat_template: must be one of auto, alpaca, chatml, llama3, "
-                      "mistral or a Jinja template, got 'vicuna'")
+    assert got[0] == (
+        "r.yaml:4: tokenizer_source: must be base, union or a model: 'a@': "
+        "missing revision after '@'"
+    )
+    assert got[1] == (
+        "r.yaml:3: chat_template: must be one of auto, alpaca, chatml, llama3, "
+        "mistral or a Jinja template, got 'vicuna'"
+    )
 
 
 def test_not_a_mapping() -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Gradient:
         return float(self.values[lo]) * (1 - frac) + float(self.values[hi]) * frac
 
 
-Leaf = Union[Scalar, Gradient]
+Leaf = Scalar | Gradient
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,10 @@ def _leaf(raw: Any) -> Leaf | str:
     """A scalar or gradient, or a problem description."""
     if _is_scalar(raw):
         return raw
-    if isinstance(raw, list) and raw and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw
+    if (
+        isinstance(raw, list)
+        and raw
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw)
     ):
         return Gradient(tuple(float(x) for x in raw))
     if isinstance(raw, list) and not raw:

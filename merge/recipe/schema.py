@@ -55,14 +55,12 @@ class ModelEntry(Strict):
     parameters: dict[str, Any] | None = None
 
 
-
 class SliceSource(Strict):
     """``slices[i].sources[j]``: a layer range of one model."""
 
     model: RefStr
     layer_range: tuple[StrictInt, StrictInt]
     parameters: dict[str, Any] | None = None
-
 
     @field_validator("layer_range")
     @classmethod
@@ -78,7 +76,6 @@ class Slice(Strict):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: RefStr | None = None
     parameters: dict[str, Any] | None = None
-
 
 
 class TokenSpec(Strict):
@@ -111,11 +108,9 @@ class RecipeSchema(Strict):
     chat_template: StrictStr | None = None
     seed: StrictInt | None = Field(default=None, ge=0)
 
-
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
         if v is not None and v not in DTYPES:
             raise ValueError(f"must be one of float32, float16, bfloat16, got {v!r}")
         return None if v is None else DTYPES[v]
-

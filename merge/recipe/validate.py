@@ -75,7 +75,9 @@ def _pydantic_problem(err: Any, loc: Locator) -> str:
     path = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        return loc.error(path, "unknown key; " + _did_you_mean(str(path[-1]), _fields_at(path[:-1])))
+        return loc.error(
+            path, "unknown key; " + _did_you_mean(str(path[-1]), _fields_at(path[:-1]))
+        )
     if kind == "missing":
         return loc.error(path, "required key is missing")
     msg = str(err["msg"])
@@ -107,8 +109,13 @@ def _all_param_names() -> set[str]:
 
 
 def _check_params(
-    params: Params, path: PathKey, method: Method, per_model_level: bool, loc: Locator,
-    problems: list[str], warnings: list[str],
+    params: Params,
+    path: PathKey,
+    method: Method,
+    per_model_level: bool,
+    loc: Locator,
+    problems: list[str],
+    warnings: list[str],
 ) -> None:
     """Names known to the method, placed where they act, and values of the right type/range."""
     known_elsewhere = _all_param_names()
@@ -121,14 +128,19 @@ def _check_params(
             else:
                 allowed = [q.name for q in method.params]
                 problems.append(
-                    loc.error(where, f"unknown parameter for {method.name}; "
-                              + _did_you_mean(name, allowed))
+                    loc.error(
+                        where,
+                        f"unknown parameter for {method.name}; " + _did_you_mean(name, allowed),
+                    )
                 )
             continue
         if per_model_level and not p.per_model:
             warnings.append(
-                loc.error(where, f"'{name}' is a global parameter of {method.name}: it has no "
-                          "effect here; put it under the top-level or slice parameters")
+                loc.error(
+                    where,
+                    f"'{name}' is a global parameter of {method.name}: it has no "
+                    "effect here; put it under the top-level or slice parameters",
+                )
             )
         for sub, leaf in value.leaves():
             msg = p.check(leaf)
@@ -141,26 +153,43 @@ def _has(name: str, levels: Sequence[Params]) -> bool:
 
 
 def _check_required(
-    method: Method, inputs: Sequence[Source], outer: Sequence[Params], at: PathKey,
-    base: str | None, loc: Locator, problems: list[str],
+    method: Method,
+    inputs: Sequence[Source],
+    outer: Sequence[Params],
+    at: PathKey,
+    base: str | None,
+    loc: Locator,
+    problems: list[str],
 ) -> None:
     for p in method.params:
         if p.default is not REQUIRED:
             continue
         if not p.per_model:
             if not _has(p.name, outer):
-                problems.append(loc.error(at, f"{method.name} needs the global parameter "
-                                          f"'{p.name}' ({_describe(p)}) under parameters:"))
+                problems.append(
+                    loc.error(
+                        at,
+                        f"{method.name} needs the global parameter "
+                        f"'{p.name}' ({_describe(p)}) under parameters:",
+                    )
+                )
             continue
         for src in inputs:
             if _has(p.name, [src.params, *outer]):
                 continue
             hint = ""
             if src.model == base and method.base == "input":
-                hint = (f"; {method.name} merges base_model like any other model, so give it "
-                        f"a weight too, or drop base_model")
-            problems.append(loc.error(src.path, f"model '{src.model}' needs the parameter "
-                                      f"'{p.name}' ({_describe(p)}) for {method.name}{hint}"))
+                hint = (
+                    f"; {method.name} merges base_model like any other model, so give it "
+                    f"a weight too, or drop base_model"
+                )
+            problems.append(
+                loc.error(
+                    src.path,
+                    f"model '{src.model}' needs the parameter "
+                    f"'{p.name}' ({_describe(p)}) for {method.name}{hint}",
+                )
+            )
 
 
 def _describe(p: Param) -> str:
@@ -179,13 +208,23 @@ def method_inputs(method: Method, sources: Sequence[Source], base: str | None) -
 
 
 def _check_inputs(
-    method: Method, sources: Sequence[Source], outer: Sequence[Params], base: str | None,
-    at: PathKey, loc: Locator, problems: list[str],
+    method: Method,
+    sources: Sequence[Source],
+    outer: Sequence[Params],
+    base: str | None,
+    at: PathKey,
+    loc: Locator,
+    problems: list[str],
 ) -> None:
     if method.base == "required":
         if not base:
-            problems.append(loc.error(at, f"{method.name} needs base_model: the model the others "
-                                      "are merged relative to (one of the models)"))
+            problems.append(
+                loc.error(
+                    at,
+                    f"{method.name} needs base_model: the model the others "
+                    "are merged relative to (one of the models)",
+                )
+            )
             return
     inputs = method_inputs(method, sources, base)
     n, lo, hi = len(inputs), method.min_models, method.max_models
@@ -203,8 +242,12 @@ def _source(raw: Any, path: PathKey, loc: Locator, problems: list[str]) -> Sourc
 
 
 def _slices(
-    schema: RecipeSchema, method: Method, top: Params, loc: Locator,
-    problems: list[str], warnings: list[str],
+    schema: RecipeSchema,
+    method: Method,
+    top: Params,
+    loc: Locator,
+    problems: list[str],
+    warnings: list[str],
 ) -> tuple[SliceSpec, ...]:
     out: list[SliceSpec] = []
     for i, sl in enumerate(schema.slices or ()):
@@ -214,18 +257,27 @@ def _slices(
         sources = []
         for j, raw in enumerate(sl.sources):
             src = _source(raw, path + ("sources", j), loc, problems)
-            _check_params(src.params, src.path + ("parameters",), method, True, loc, problems,
-                          warnings)
+            _check_params(
+                src.params, src.path + ("parameters",), method, True, loc, problems, warnings
+            )
             sources.append(src)
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources if s.layer_range}
         if len(lengths) > 1:
             ranges = ", ".join(f"{list(s.layer_range or ())}" for s in sources)
-            problems.append(loc.error(path + ("sources",), "all sources of a slice need layer "
-                                      f"ranges of the same length, got {ranges}"))
+            problems.append(
+                loc.error(
+                    path + ("sources",),
+                    f"all sources of a slice need layer ranges of the same length, got {ranges}",
+                )
+            )
         base = sl.base_model or schema.base_model
         if method.base == "required" and base and all(s.model != base for s in sources):
-            problems.append(loc.error(path + ("sources",), f"{method.name} needs the base model "
-                                      f"'{base}' among the sources of every slice"))
+            problems.append(
+                loc.error(
+                    path + ("sources",),
+                    f"{method.name} needs the base model '{base}' among the sources of every slice",
+                )
+            )
         else:
             _check_inputs(method, sources, [params, top], base, path, loc, problems)
         out.append(SliceSpec(tuple(sources), sl.base_model or schema.base_model, params, path))
@@ -243,23 +295,35 @@ def _check_extras(schema: RecipeSchema, loc: Locator, problems: list[str]) -> No
         except ValueError as e:
             problems.append(loc.error(tok_path, f"must be base, union or a model: {e}"))
     if schema.tokenizer is not None and schema.tokenizer_source is not None:
-        problems.append(loc.error(("tokenizer_source",), "give either tokenizer_source or a "
-                                  "tokenizer: block, not both"))
+        problems.append(
+            loc.error(
+                ("tokenizer_source",),
+                "give either tokenizer_source or a tokenizer: block, not both",
+            )
+        )
     ct = schema.chat_template
     if ct is not None and ct not in CHAT_TEMPLATES and "{{" not in ct and "{%" not in ct:
-        problems.append(loc.error(("chat_template",), "must be one of "
-                                  f"{', '.join(CHAT_TEMPLATES)} or a Jinja template, got {ct!r}"))
+        problems.append(
+            loc.error(
+                ("chat_template",),
+                f"must be one of {', '.join(CHAT_TEMPLATES)} or a Jinja template, got {ct!r}",
+            )
+        )
 
 
 def build_recipe(data: Any, loc: Locator, text: str, file: Path) -> Recipe:
     """Validate parsed YAML against the schema and the chosen method; raise all problems."""
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise RecipeError(f"{loc.file}: a recipe must be a mapping of keys (merge_method, "
-                          f"models or slices, ...), got {kind}")
+        raise RecipeError(
+            f"{loc.file}: a recipe must be a mapping of keys (merge_method, "
+            f"models or slices, ...), got {kind}"
+        )
     if any(k in data for k in MOE_KEYS) and "merge_method" not in data:
-        raise RecipeError(f"{loc.file}: this is a mixture-of-experts recipe (experts:); "
-                          "MoE assembly is not supported by this release of merge")
+        raise RecipeError(
+            f"{loc.file}: this is a mixture-of-experts recipe (experts:); "
+            "MoE assembly is not supported by this release of merge"
+        )
     try:
         schema = RecipeSchema.model_validate(data)
     except ValidationError as e:
@@ -271,26 +335,33 @@ def build_recipe(data: Any, loc: Locator, text: str, file: Path) -> Recipe:
     except KeyError:
         close = suggest(schema.merge_method)
         hint = f"did you mean {close!r}? " if close else ""
-        raise RecipeError(loc.error(("merge_method",), f"unknown merge method "
-                                    f"{schema.merge_method!r}; {hint}(allowed: "
-                                    f"{', '.join(method_names())})")) from None
+        raise RecipeError(
+            loc.error(
+                ("merge_method",),
+                f"unknown merge method "
+                f"{schema.merge_method!r}; {hint}(allowed: "
+                f"{', '.join(method_names())})",
+            )
+        ) from None
     top = _parse_params(schema.parameters, ("parameters",), loc, problems)
     _check_params(top, ("parameters",), method, False, loc, problems, warnings)
     models = slices = None
     if (schema.models is None) == (schema.slices is None):
-        problems.append(loc.error((), "give exactly one of models: (whole models) or slices: "
-                                  "(layer ranges)"))
+        problems.append(
+            loc.error((), "give exactly one of models: (whole models) or slices: (layer ranges)")
+        )
     elif schema.models is not None:
-        models = tuple(_source(m, ("models", i), loc, problems)
-                       for i, m in enumerate(schema.models))
+        models = tuple(
+            _source(m, ("models", i), loc, problems) for i, m in enumerate(schema.models)
+        )
         for src in models:
-            _check_params(src.params, src.path + ("parameters",), method, True, loc, problems,
-                          warnings)
+            _check_params(
+                src.params, src.path + ("parameters",), method, True, loc, problems, warnings
+            )
         _check_inputs(method, models, [top], schema.base_model, ("models",), loc, problems)
     else:
         slices = _slices(schema, method, top, loc, problems, warnings)
     _check_extras(schema, loc, problems)
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
-    return Recipe(file, text, loc, schema, method, top, models, slices, schema.base_model,
-                  warnings)
+    return Recipe(file, text, loc, schema, method, top, models, slices, schema.base_model, warnings)

@@ -1,0 +1,121 @@
+"""The library entry points behind the CLI: validate, plan and run a recipe.
+
+Each phase raises a ``MergeError`` subclass listing all of its problems. ``run`` writes into
+a temporary sibling of the output directory and renames it into place only when everything
+succeeded, so a failed run leaves nothing behind and never touches an existing output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from merge import __version__
+from merge.card import model_card
+from merge.errors import OutputError
+from merge.execute import execute
+from merge.plan import Plan, make_plan
+from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
+from merge.sourceset import close_models, iter_unique_dirs, open_models
+from merge.tokenizer import resolve_template, write_tokenizer
+from merge.writer import AtomicOutput, check_disk_space, check_output_location, parse_size
+
+RECIPE_NAME = "merge-recipe.yaml"
+
+
+def _shard_bytes(value: str | int) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise OutputError(f"--out-shard-size: {e}") from None
+
+
+@contextmanager
+def planned(
+    recipe: str | Path | Recipe, *, seed: int | None = None, shard_size: str | int = "5GB"
+) -> Iterator[Plan]:
+    """Load, resolve and plan a recipe; the models stay open inside the ``with`` block."""
+    shard_bytes = _shard_bytes(shard_size)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    models = open_models(rec)
+    try:
+        yield make_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+    finally:
+        close_models(models)
+
+
+def plan(recipe: str | Path | Recipe, **kwargs: object) -> Plan:
+    """The checked plan of a recipe (reads headers only)."""
+    with planned(recipe, **kwargs) as p:  # type: ignore[arg-type]
+        return p
+
+
+def default_output(recipe_file: Path) -> Path:
+    return Path.cwd() / f"{recipe_file.stem}-merged"
+
+
+def _check_output(p: Plan, out: Path, overwrite: bool) -> None:
+    problems = check_output_location(out, list(iter_unique_dirs(p.models)))
+    if out.exists() and not overwrite:
+        problems.append(f"output '{out}' already exists; pass --overwrite to replace it")
+    space = check_disk_space(out, p.shards.total_bytes + 50 * 2**20)
+    if space:
+        problems.append(space)
+    if problems:
+        raise OutputError(problems)
+
+
+def _revision(directory: Path) -> str | None:
+    return directory.name if directory.parent.name == "snapshots" else None
+
+
+def write_extras(p: Plan, out: Path) -> None:
+    """config.json, generation_config.json, tokenizer, the recipe and the model card."""
+    (out / "config.json").write_text(json.dumps(p.config, indent=2) + "\n", encoding="utf-8")
+    gen = p.models[p.donor].directory / "generation_config.json"
+    if gen.is_file():
+        (out / "generation_config.json").write_bytes(gen.read_bytes())
+    template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
+    write_tokenizer(p.models[p.tokenizer_donor].directory, out, template)
+    (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
+    inputs = [
+        f"{ref} (revision {rev})" if (rev := _revision(m.directory)) else ref
+        for ref, m in p.models.items()
+    ]
+    card = model_card(
+        recipe_text=p.recipe.text,
+        method_name=p.method.name,
+        method_paper=p.method.paper,
+        method_description=p.method.description,
+        models=list(p.models),
+        base_model=p.recipe.base_model,
+        tool_version=__version__,
+        seed=p.seed,
+        dtype=p.out_dtype,
+        num_params=sum(j.numel for j in p.jobs),
+        extra_sections=[("Resolved inputs", "\n".join(f"- {i}" for i in inputs))],
+        local_models=[ref for ref, m in p.models.items() if _revision(m.directory) is None],
+    )
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def run(
+    recipe: str | Path | Recipe,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    seed: int | None = None,
+    shard_size: str | int = "5GB",
+    progress: bool = True,
+) -> Path:
+    """Merge: plan, check the output location, stream every tensor, then finalize atomically."""
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    target = Path(out) if out is not None else default_output(rec.file)
+    with planned(rec, seed=seed, shard_size=shard_size) as p:
+        _check_output(p, target, overwrite)
+        with AtomicOutput(target, overwrite) as tmp:
+            execute(p, tmp, progress=progress)
+            write_extras(p, tmp)
+    return target

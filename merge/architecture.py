@@ -1,0 +1,133 @@
+"""Layer structure inferred from tensor names and the config: no per-architecture files.
+
+Decoder layers are found from names (``...layers.N...``, ``...h.N...``, ``...blocks.N...``,
+``...layer.N...``); the layer count from the config (``num_hidden_layers``, ``n_layer``,
+``num_layers``, ``n_layers``, also inside ``text_config``). Tensors outside the layers are
+"pre" (embeddings: they come before the layers) or "post" (final norm, lm_head). Tied input
+and output embeddings come from ``tie_word_embeddings``.
+
+What it does not do: MoE expert layouts (a small table lives with the MoE code) and encoder-
+decoder models (two layer stacks).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|layer|decoder_layers)\.(\d+)(\.|$)")
+PRE_RE = re.compile(r"(embed|wte|wpe|word_embeddings|tok_embeddings|embeddings)")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+NOT_PER_LAYER = ("architectures", "auto_map")
+TIED_PAIRS = (
+    (
+        "lm_head.weight",
+        (
+            "model.embed_tokens.weight",
+            "transformer.wte.weight",
+            "model.embeddings.weight",
+            "embed_tokens.weight",
+        ),
+    ),
+)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index of a tensor name, or None outside the layers."""
+    m = LAYER_RE.search(name)
+    return int(m.group(3)) if m else None
+
+
+def with_layer(name: str, index: int) -> str:
+    """``name`` with its layer index replaced by ``index``."""
+    m = LAYER_RE.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not inside a layer")
+    return f"{name[: m.start(3)]}{index}{name[m.end(3) :]}"
+
+
+def is_pre(name: str) -> bool:
+    """True for tensors that precede the layers (embeddings); others outside come after."""
+    return layer_of(name) is None and bool(PRE_RE.search(name)) and "lm_head" not in name
+
+
+def sort_key(name: str) -> tuple[int, int, str]:
+    """Output order: embeddings, layers in numeric order, then norms and lm_head."""
+    layer = layer_of(name)
+    if layer is not None:
+        return (1, layer, name)
+    return (0, 0, name) if is_pre(name) else (2, 0, name)
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    return sorted(names, key=sort_key)
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) else config
+
+
+def num_layers(config: dict[str, Any]) -> int | None:
+    for cfg in (config, _text_config(config)):
+        for key in LAYER_COUNT_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def count_layers(names: Iterable[str]) -> int:
+    """Layer count from tensor names (1 + highest index), 0 without layers."""
+    found = [layer_of(n) for n in names]
+    return max((i for i in found if i is not None), default=-1) + 1
+
+
+def ties_embeddings(config: dict[str, Any]) -> bool:
+    for cfg in (config, _text_config(config)):
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+    return False
+
+
+def tied_partner(name: str, available: Iterable[str]) -> str | None:
+    """For a missing lm_head of a tied model, the embedding tensor that stands in for it."""
+    have = set(available)
+    for head, embeds in TIED_PAIRS:
+        if name.endswith(head):
+            for e in embeds:
+                if e in have:
+                    return e
+    return None
+
+
+def output_config(
+    donor: dict[str, Any], dtype: str, layer_map: Sequence[int] | None
+) -> dict[str, Any]:
+    """The donor's config with the output dtype and, for frankenmerges, the new layer stack.
+
+    ``layer_map[i]`` is the donor layer that output layer ``i`` copies its per-layer config
+    entries (such as ``layer_types``) from.
+    """
+    cfg = copy.deepcopy(donor)
+    cfg["dtype"] = dtype
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype
+    if layer_map is None:
+        return cfg
+    target = cfg if any(k in cfg for k in LAYER_COUNT_KEYS) else _text_config(cfg)
+    old = num_layers(target)
+    for key in LAYER_COUNT_KEYS:
+        if key in target:
+            target[key] = len(layer_map)
+            break
+    else:
+        target["num_hidden_layers"] = len(layer_map)
+    for key, value in list(target.items()):
+        if key in NOT_PER_LAYER or key.endswith(("_id", "_ids")):
+            continue
+        if isinstance(value, list) and old is not None and len(value) == old and old > 0:
+            target[key] = [value[min(i, old - 1)] for i in layer_map]
+    return cfg

@@ -1,0 +1,414 @@
+"""Recipe + checkpoint headers -> the list of tensor jobs and the shard layout.
+
+Every check that can be made without tensor data happens here, so a run fails in its first
+second or not at all for recipe reasons: missing tensors, shape mismatches, layer ranges out
+of bounds, parameters whose filters leave a tensor without a value, weights summing to zero.
+All problems are reported together. ``merge validate`` and ``merge plan`` stop after this.
+
+``models:`` recipes map every tensor of the reference model (base, else the first model) to
+the same tensor of each input. ``slices:`` recipes stack layer ranges: output layers are
+renumbered consecutively, embeddings come from the first slice and the final norm and lm_head
+from the last (../shared/METHODS.md, Frankenmerges).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from merge import architecture as arch
+from merge.errors import PlanError
+from merge.methods import REQUIRED, Method
+from merge.recipe import Recipe, SliceSpec, Source, lookup
+from merge.recipe.model import Params
+from merge.recipe.validate import method_inputs
+from merge.sourceset import Model
+from merge.writer import ShardPlan, TensorSpec, plan_shards
+
+DEFAULT_SEED = 20240101
+MAX_LISTED = 25
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Input:
+    """One tensor to read: ``name`` in model ``model`` (a recipe reference)."""
+
+    model: str
+    name: str
+
+
+@dataclass
+class TensorJob:
+    """How one output tensor is made."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    inputs: tuple[Input, ...]
+    base: Input | None
+    params: dict[str, Any]
+    layer: int | None
+    copy: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, decided before any tensor data is read."""
+
+    recipe: Recipe
+    method: Method
+    models: dict[str, Model]
+    jobs: list[TensorJob]
+    shards: ShardPlan
+    out_dtype: str
+    donor: str
+    tokenizer_donor: str
+    config: dict[str, Any]
+    seed: int
+    peak_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The seed of one output tensor's generator: independent of order and threads."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Ctx:
+    """Mutable state while building jobs."""
+
+    recipe: Recipe
+    models: dict[str, Model]
+    problems: list[str] = field(default_factory=list)
+
+    def has(self, ref: str, name: str) -> str | None:
+        """The tensor name that stands for ``name`` in model ``ref`` (tied lm_head aware)."""
+        ckpt = self.models[ref].checkpoint
+        if name in ckpt.tensors:
+            return name
+        if arch.ties_embeddings(ckpt.config):
+            return arch.tied_partner(name, ckpt.tensors)
+        return None
+
+
+def _params(
+    ctx: _Ctx,
+    out_name: str,
+    inputs: Sequence[Source],
+    outer: Sequence[Params],
+    layer: int | None,
+    num_layers: int,
+) -> dict[str, Any] | None:
+    method = ctx.recipe.method
+    values: dict[str, Any] = {}
+    ok = True
+    for p in method.params:
+        if p.per_model:
+            got = [lookup(p.name, [s.params, *outer], out_name, layer, num_layers) for s in inputs]
+            for src, v in zip(inputs, got, strict=True):
+                if v is None and p.default is REQUIRED:
+                    ctx.problems.append(
+                        f"tensor '{out_name}': no value of '{p.name}' for model "
+                        f"'{src.model}' matches this tensor (check the filters)"
+                    )
+                    ok = False
+            values[p.name] = [p.default if v is None else _cast(p.kind, v) for v in got]
+        else:
+            v = lookup(p.name, outer, out_name, layer, num_layers)
+            if v is None and p.default is REQUIRED:
+                ctx.problems.append(
+                    f"tensor '{out_name}': no value of global parameter "
+                    f"'{p.name}' matches this tensor (check the filters)"
+                )
+                ok = False
+            values[p.name] = p.default if v is None else _cast(p.kind, v)
+    if ok and method.name == "linear" and values.get("normalize") and sum(values["weight"]) == 0:
+        ctx.problems.append(
+            f"tensor '{out_name}': the weights sum to 0, so normalize cannot "
+            "divide by them; change a weight or set normalize: false"
+        )
+        ok = False
+    return values if ok else None
+
+
+def _cast(kind: type, value: Any) -> Any:
+    return float(value) if kind is float and not isinstance(value, bool) else value
+
+
+def _job(
+    ctx: _Ctx,
+    out_name: str,
+    ref: Input,
+    inputs: Sequence[tuple[Source, str]],
+    base: tuple[Source, str] | None,
+    outer: Sequence[Params],
+    layer: int | None,
+    num_layers: int,
+) -> TensorJob | None:
+    """One output tensor from (source, tensor name) pairs; checks presence and shapes."""
+    info = ctx.models[ref.model].checkpoint.tensors[ref.name]
+    shape = tuple(info.shape)
+    if not info.dtype.is_floating_point:
+        return TensorJob(out_name, shape, info.dtype, (ref,), None, {}, layer, copy=True)
+    reads: list[Input] = []
+    for src, name in [*inputs, *([base] if base else [])]:
+        found = ctx.has(src.model, name)
+        if found is None:
+            ctx.problems.append(
+                f"model '{src.model}' has no tensor '{name}' (needed for "
+                f"output tensor '{out_name}')"
+            )
+            continue
+        other = tuple(ctx.models[src.model].checkpoint.tensors[found].shape)
+        if other != shape:
+            ctx.problems.append(_shape_problem(out_name, ref, shape, src.model, found, other))
+            continue
+        reads.append(Input(src.model, found))
+    if len(reads) != len(inputs) + (1 if base else 0):
+        return None
+    params = _params(ctx, out_name, [s for s, _ in inputs], outer, layer, num_layers)
+    if params is None:
+        return None
+    base_in = reads.pop() if base else None
+    return TensorJob(out_name, shape, info.dtype, tuple(reads), base_in, params, layer)
+
+
+def _shape_problem(
+    out: str, ref: Input, shape: tuple[int, ...], model: str, name: str, other: tuple[int, ...]
+) -> str:
+    msg = (
+        f"tensor '{name}': shape {list(other)} in model '{model}' does not match "
+        f"{list(shape)} in model '{ref.model}'"
+    )
+    if not arch.layer_of(out) and other[1:] == shape[1:] and other[:1] != shape[:1]:
+        msg += (
+            f" (the vocabularies differ: {shape[0]} vs {other[0]} rows; merging models "
+            "with different tokenizers needs tokenizer_source: union, not yet supported)"
+        )
+    return msg
+
+
+def _split(
+    method: Method, sources: Sequence[Source], base: str | None
+) -> tuple[list[Source], Source | None]:
+    """(per-model inputs, separate base source) for a method."""
+    inputs = method_inputs(method, sources, base)
+    if method.base != "required":
+        return inputs, None
+    found = next((s for s in sources if s.model == base), None)
+    return inputs, found or Source(base or "", {}, ("base_model",))
+
+
+def _models_jobs(ctx: _Ctx) -> tuple[list[TensorJob], str]:
+    recipe = ctx.recipe
+    sources = recipe.models or ()
+    inputs, base = _split(recipe.method, sources, recipe.base_model)
+    donor = recipe.base_model or sources[0].model
+    ckpt = ctx.models[donor].checkpoint
+    num_layers = arch.num_layers(ckpt.config) or arch.count_layers(ckpt.tensors)
+    jobs = []
+    for name in arch.ordered(ckpt.tensors):
+        layer = arch.layer_of(name)
+        job = _job(
+            ctx,
+            name,
+            Input(donor, name),
+            [(s, name) for s in inputs],
+            (base, name) if base else None,
+            [recipe.params],
+            layer,
+            num_layers,
+        )
+        if job:
+            jobs.append(job)
+    return jobs, donor
+
+
+def _check_range(ctx: _Ctx, src: Source) -> bool:
+    ckpt = ctx.models[src.model].checkpoint
+    have = arch.num_layers(ckpt.config) or arch.count_layers(ckpt.tensors)
+    start, end = src.layer_range or (0, 0)
+    if end > have:
+        ctx.problems.append(
+            ctx.recipe.loc.error(
+                src.path + ("layer_range",),
+                f"[{start}, {end}] is out of range: model '{src.model}' has {have} layers "
+                f"(layer_range is [start, end) with end <= {have})",
+            )
+        )
+        return False
+    return True
+
+
+def _slice_layer_jobs(
+    ctx: _Ctx, sl: SliceSpec, offset: int, jobs: list[TensorJob], layer_map: list[int]
+) -> None:
+    recipe = ctx.recipe
+    inputs, base = _split(recipe.method, sl.sources, sl.base_model)
+    ref = base if base and base.layer_range else sl.sources[0]
+    names = ctx.models[ref.model].checkpoint.tensors
+    by_layer: dict[int, list[str]] = {}
+    for name in arch.ordered(names):
+        layer = arch.layer_of(name)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(name)
+    outer = [sl.params, recipe.params]
+    start = (ref.layer_range or (0, 0))[0]
+    for j in range(sl.length):
+        layer_map.append(start + j)
+        for name in by_layer.get(start + j, []):
+            out = arch.with_layer(name, offset + j)
+
+            def at(s: Source, name: str = name, j: int = j) -> str:
+                return arch.with_layer(name, (s.layer_range or (0, 0))[0] + j)
+
+            job = _job(
+                ctx,
+                out,
+                Input(ref.model, name),
+                [(s, at(s)) for s in inputs],
+                (base, at(base)) if base else None,
+                outer,
+                j,
+                sl.length,
+            )
+            if job:
+                jobs.append(job)
+
+
+def _slice_edge_jobs(ctx: _Ctx, sl: SliceSpec, pre: bool) -> list[TensorJob]:
+    """Embeddings from the first slice (pre) or norm and lm_head from the last (post)."""
+    recipe = ctx.recipe
+    inputs, base = _split(recipe.method, sl.sources, sl.base_model)
+    ref = base if base and base.layer_range else sl.sources[0]
+    names = ctx.models[ref.model].checkpoint.tensors
+    jobs = []
+    for name in arch.ordered(names):
+        if arch.layer_of(name) is not None or arch.is_pre(name) != pre:
+            continue
+        job = _job(
+            ctx,
+            name,
+            Input(ref.model, name),
+            [(s, name) for s in inputs],
+            (base, name) if base else None,
+            [sl.params, recipe.params],
+            None,
+            sl.length,
+        )
+        if job:
+            jobs.append(job)
+    return jobs
+
+
+def _slices_jobs(ctx: _Ctx) -> tuple[list[TensorJob], str, list[int]]:
+    slices = ctx.recipe.slices or ()
+    if not all(_check_range(ctx, s) for sl in slices for s in sl.sources):
+        return [], slices[0].sources[0].model, []
+    jobs = _slice_edge_jobs(ctx, slices[0], pre=True)
+    layer_map: list[int] = []
+    for sl in slices:
+        _slice_layer_jobs(ctx, sl, len(layer_map), jobs, layer_map)
+    jobs.extend(_slice_edge_jobs(ctx, slices[-1], pre=False))
+    first = slices[0]
+    donor = first.base_model if first.base_model in {s.model for s in first.sources} else None
+    return jobs, donor or first.sources[0].model, layer_map
+
+
+def _out_dtype(recipe: Recipe, donor: Model) -> str:
+    if recipe.out_dtype:
+        return recipe.out_dtype
+    cfg = donor.checkpoint.config
+    for key in ("dtype", "torch_dtype"):
+        if cfg.get(key) in DTYPES:
+            return str(cfg[key])
+    for info in donor.checkpoint.tensors.values():
+        for name, dt in DTYPES.items():
+            if info.dtype == dt:
+                return name
+    return "float32"
+
+
+def _tokenizer_donor(recipe: Recipe, donor: str, problems: list[str]) -> str:
+    src = recipe.tokenizer_source
+    if src == "union":
+        path = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
+        problems.append(
+            recipe.loc.error(
+                path,
+                "union is not supported by this release of merge; use base or a model reference",
+            )
+        )
+    if src in (None, "base", "union"):
+        return recipe.base_model or donor
+    return src
+
+
+def peak_memory(jobs: Sequence[TensorJob], models: dict[str, Model]) -> int:
+    """Expected peak bytes of tensor data while one job runs (inputs stored + float32 copies,
+    output in float32 and in its stored dtype, and the method's working space)."""
+    peak = 0
+    for job in jobs:
+        reads = [*job.inputs, *([job.base] if job.base else [])]
+        stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
+        n = job.numel
+        work = 4 * n * (len(reads) + 3)
+        peak = max(peak, stored + work + n * job.dtype.itemsize)
+    return peak
+
+
+def make_plan(
+    recipe: Recipe,
+    models: dict[str, Model],
+    *,
+    seed: int | None = None,
+    shard_bytes: int = 5 * 10**9,
+) -> Plan:
+    """Build and check the whole plan; raise PlanError listing every problem."""
+    ctx = _Ctx(recipe, models)
+    layer_map: list[int] | None = None
+    if recipe.slices:
+        jobs, donor, layer_map = _slices_jobs(ctx)
+    else:
+        jobs, donor = _models_jobs(ctx)
+    tok_donor = _tokenizer_donor(recipe, donor, ctx.problems)
+    if ctx.problems:
+        problems = list(dict.fromkeys(ctx.problems))
+        if len(problems) > MAX_LISTED:
+            problems = problems[:MAX_LISTED] + [f"... and {len(problems) - MAX_LISTED} more"]
+        raise PlanError(problems)
+    out_dtype = _out_dtype(recipe, models[donor])
+    for job in jobs:
+        if not job.copy:
+            job.dtype = DTYPES[out_dtype]
+    shards = plan_shards([TensorSpec(j.name, j.shape, j.dtype) for j in jobs], shard_bytes)
+    config = arch.output_config(models[donor].checkpoint.config, out_dtype, layer_map)
+    chosen = seed if seed is not None else recipe.seed if recipe.seed is not None else DEFAULT_SEED
+    return Plan(
+        recipe,
+        recipe.method,
+        models,
+        jobs,
+        shards,
+        out_dtype,
+        donor,
+        tok_donor,
+        config,
+        chosen,
+        peak_memory(jobs, models),
+        list(recipe.warnings),
+    )
