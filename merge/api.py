@@ -16,11 +16,13 @@ from merge import __version__
 from merge.card import model_card
 from merge.errors import OutputError
 from merge.execute import execute
-from merge.plan import Plan, make_plan
+from merge.jobs import Plan
+from merge.outdir import AtomicOutput, check_disk_space, check_output_location
+from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.sourceset import close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
-from merge.writer import AtomicOutput, check_disk_space, check_output_location, parse_size
+from merge.writer import parse_size
 
 RECIPE_NAME = "merge-recipe.yaml"
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from merge.errors import CheckpointError
-from merge.plan import Plan, TensorJob, tensor_seed
+from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.writer import ShardWriter
 
 

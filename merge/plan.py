@@ -13,78 +13,21 @@ from the last (../shared/METHODS.md, Frankenmerges).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from merge import architecture as arch
 from merge.errors import PlanError
+from merge.jobs import DEFAULT_SEED, DTYPES, Input, Plan, TensorJob
 from merge.methods import REQUIRED, Method
 from merge.recipe import Recipe, SliceSpec, Source, lookup
 from merge.recipe.model import Params
 from merge.recipe.validate import method_inputs
 from merge.sourceset import Model
-from merge.writer import ShardPlan, TensorSpec, plan_shards
+from merge.writer import TensorSpec, plan_shards
 
-DEFAULT_SEED = 20240101
 MAX_LISTED = 25
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Input:
-    """One tensor to read: ``name`` in model ``model`` (a recipe reference)."""
-
-    model: str
-    name: str
-
-
-@dataclass
-class TensorJob:
-    """How one output tensor is made."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    inputs: tuple[Input, ...]
-    base: Input | None
-    params: dict[str, Any]
-    layer: int | None
-    copy: bool = False
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass
-class Plan:
-    """Everything a run needs, decided before any tensor data is read."""
-
-    recipe: Recipe
-    method: Method
-    models: dict[str, Model]
-    jobs: list[TensorJob]
-    shards: ShardPlan
-    out_dtype: str
-    donor: str
-    tokenizer_donor: str
-    config: dict[str, Any]
-    seed: int
-    peak_bytes: int
-    warnings: list[str] = field(default_factory=list)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """The seed of one output tensor's generator: independent of order and threads."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass

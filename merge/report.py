@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from merge import architecture as arch
-from merge.plan import Input, Plan, TensorJob
+from merge.jobs import Input, Plan, TensorJob
 
 
 def human_bytes(n: float) -> str:

@@ -1,13 +1,12 @@
-"""Streamed shard writing, the index json, and the atomic output directory.
+"""Streamed shard writing and the index json.
 
 Design. The shard plan is a pure function of the output tensors' names, shapes and dtypes
 (:func:`plan_shards` -> :class:`ShardPlan`), fixed before any tensor is computed, so every shard
 is written once, under its final name. Because every shape and dtype is known up front, the
 :class:`ShardWriter` writes each shard's safetensors header first and then streams each
 tensor's raw bytes straight to the file as the executor hands it over: nothing is buffered
-beyond the tensor being written. :class:`AtomicOutput` gives the writer a temporary sibling
-directory and renames it into place only when the whole output is complete, so a failed run
-leaves nothing behind and an existing output is never touched without ``overwrite``.
+beyond the tensor being written. The output directory itself (atomic rename, location and disk
+checks) is ``merge.outdir``.
 
 What it does not do: compute, cast or reorder tensors (the executor hands them over in plan
 order and in the planned dtype), deduplicate shared storage, write config or tokenizer files,
@@ -19,12 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +28,6 @@ from types import TracebackType
 from typing import BinaryIO
 
 import torch
-
-from merge.errors import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -315,114 +309,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-# --------------------------------------------------------------------------- output directory
-
-
-class AtomicOutput:
-    """Context manager: a temporary sibling directory that becomes ``final`` on success.
-
-    On success an existing ``final`` (only with ``overwrite``) is moved aside, the temporary
-    directory renamed into place, and the old one deleted. On an exception the temporary
-    directory is removed and any existing ``final`` is left untouched.
-    """
-
-    def __init__(self, final: Path, overwrite: bool = False) -> None:
-        self.final = Path(final)
-        self.overwrite = overwrite
-        self.temp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self._refuse_existing()
-        parent = self.final.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.temp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.temp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is not
-        return self.temp
-
-    def _refuse_existing(self) -> None:
-        if not os.path.lexists(self.final):
-            return
-        if not self.overwrite:
-            raise OutputError(
-                f"output '{self.final}' already exists; pass --overwrite to replace it"
-            )
-        if not self.final.is_dir() or self.final.is_symlink():
-            raise OutputError(f"output '{self.final}' exists and is not a directory")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self.temp is not None, "AtomicOutput used without entering it"
-        temp, self.temp = self.temp, None
-        if exc_type is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-            return
-        try:
-            self._refuse_existing()  # it may have appeared while we were writing
-            self._replace(temp)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-
-    def _replace(self, temp: Path) -> None:
-        if not os.path.lexists(self.final):
-            os.rename(temp, self.final)
-            return
-        trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=temp.parent))
-        old = trash / "old"
-        os.rename(self.final, old)
-        try:
-            os.rename(temp, self.final)
-        except BaseException:
-            os.rename(old, self.final)
-            shutil.rmtree(trash, ignore_errors=True)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def check_output_location(final: Path, inputs: Sequence[Path]) -> list[str]:
-    """Problems with writing to ``final`` given the input model directories, one per line.
-
-    The output may not be an input or lie inside one; no input may lie inside an existing
-    output (replacing the output with ``--overwrite`` would delete it).
-    """
-    out = Path(final).expanduser().resolve()
-    problems: list[str] = []
-    for given in inputs:
-        src = Path(given).expanduser().resolve()
-        if _inside(out, src):
-            problems.append(
-                f"output '{final}' is inside input model '{given}' ({src}); "
-                "choose another directory"
-            )
-        elif _inside(src, out) and out.exists():
-            problems.append(
-                f"input model '{given}' ({src}) is inside output '{final}', which "
-                "--overwrite would delete; choose another directory"
-            )
-    return problems
-
-
-def check_disk_space(final: Path, needed_bytes: int) -> str | None:
-    """A one-line problem if the file system holding ``final`` has too little free space."""
-    probe = Path(final).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free >= needed_bytes:
-        return None
-    return (
-        f"not enough disk space for output '{final}': needs {needed_bytes / 1e9:.2f} GB, "
-        f"{free / 1e9:.2f} GB free on {probe}"
-    )

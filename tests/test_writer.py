@@ -13,16 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge.errors import OutputError
-from merge.writer import (
-    INDEX_NAME,
-    AtomicOutput,
-    ShardWriter,
-    TensorSpec,
-    check_disk_space,
-    check_output_location,
-    parse_size,
-    plan_shards,
-)
+from merge.outdir import AtomicOutput, check_disk_space, check_output_location
+from merge.writer import INDEX_NAME, ShardWriter, TensorSpec, parse_size, plan_shards
 
 
 def spec(name: str, *shape: int, dtype: torch.dtype = torch.float32) -> TensorSpec:
