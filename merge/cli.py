@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -113,9 +114,10 @@ def run(
             rec, out, overwrite=overwrite, seed=seed, shard_size=out_shard_size, progress=not quiet
         )
 
+    start = time.perf_counter()
     target = _guard(go)
     if not quiet:
-        typer.echo(f"wrote {target}", err=True)
+        typer.echo(f"wrote {target} in {time.perf_counter() - start:.1f} s", err=True)
 
 
 @app.command()

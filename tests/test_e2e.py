@@ -312,3 +312,34 @@ def test_quickstart_recipe_runs_from_anywhere(
     out = api.run(recipe, None, progress=False)
     assert out == tmp_path / "quickstart-merged"
     assert_loads_and_generates(out)
+
+
+def test_tokenizer_source_and_auto_chat_template(
+    tmp_path: Path, llama_base: Path, llama_ft1: Path
+) -> None:
+    """tokenizer_source picks the donor of the tokenizer; auto takes the common template."""
+    donor = tmp_path / "donor"
+    donor.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (donor / name).write_bytes((llama_ft1 / name).read_bytes())
+    config = json.loads((donor / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 1234
+    (donor / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("config.json", "model.safetensors"):
+        (donor / name).write_bytes((llama_ft1 / name).read_bytes())
+    out = run_recipe(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(llama_base),
+            "models": [{"model": str(llama_ft1), "parameters": {"weight": 1.0}}],
+            "tokenizer_source": str(donor),
+            "chat_template": "auto",
+        },
+    )
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert written["model_max_length"] == 1234
+    template = (llama_base / "chat_template.jinja").read_text()
+    assert (out / "chat_template.jinja").read_text() == template
+    assert written["chat_template"] == template
+    assert_loads_and_generates(out)
