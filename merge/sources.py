@@ -98,7 +98,12 @@ def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:
 
 
 def _resolve_lora(ref: ModelRef, search_dirs: Sequence[Path]) -> Path:
-    """Seam for ``base+adapter``: a later release resolves both and merges the adapter."""
+    """Seam for ``base+adapter``: a later release resolves both and merges the adapter.
+
+    Both sides are resolved first, so an unreachable model is reported as such."""
+    resolve(ModelRef(ref.path, ref.revision), search_dirs=search_dirs)
+    assert ref.lora is not None
+    resolve(ref.lora, search_dirs=search_dirs)
     raise SourceError(
         f"model '{ref}': LoRA adapters (base+adapter) are not supported in this release"
     )

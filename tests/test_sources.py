@@ -131,12 +131,20 @@ def test_local_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_lora_not_supported(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "adapter").mkdir()
     with pytest.raises(SourceError) as info:
-        resolve(ModelRef.parse("org/base+org/adapter@r1"), search_dirs=[tmp_path])
+        resolve(ModelRef.parse("./base+./adapter"), search_dirs=[tmp_path])
     assert str(info.value) == (
-        "model 'org/base+org/adapter@r1': LoRA adapters (base+adapter) are not supported "
-        "in this release"
+        "model './base+./adapter': LoRA adapters (base+adapter) are not supported in this release"
     )
+
+
+def test_lora_reports_an_unreachable_side_first(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    with pytest.raises(SourceError) as info:
+        resolve(ModelRef.parse("./base+./adapter"), search_dirs=[tmp_path])
+    assert str(info.value).startswith("model './adapter': local path not found")
 
 
 # --- the Hub, offline against a locally built cache -------------------------------------------
