@@ -63,8 +63,17 @@ def hub_cache_dir() -> Path:
     return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
+def offline_reason() -> str | None:
+    """Why the Hub must not be contacted: HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE as
+    huggingface_hub also accepts it; None when online use is allowed."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in TRUE_VALUES:
+            return f"{var}=1 is set"
+    return None
+
+
 def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in TRUE_VALUES
+    return offline_reason() is not None
 
 
 def select_files(names: Iterable[str]) -> list[str]:
@@ -93,8 +102,9 @@ def download_model(repo_id: str, revision: str | None) -> Path:
     """Fetch (or find in the cache) what a merge needs from ``repo_id`` and return its folder."""
     label = repo_id if revision is None else f"{repo_id}@{revision}"
     cache = hub_cache_dir()
-    if is_offline():
-        return _from_cache(repo_id, revision, cache, label, reason="HF_HUB_OFFLINE=1 is set")
+    offline = offline_reason()
+    if offline:
+        return _from_cache(repo_id, revision, cache, label, reason=offline)
     from huggingface_hub import HfApi, snapshot_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None

@@ -264,6 +264,7 @@ def test_select_files() -> None:
 def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     """Online mode with list_repo_files/snapshot_download replaced; records the calls."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     calls: dict = {"listing": LISTING}
 
@@ -330,6 +331,7 @@ def test_unreachable_hub_falls_back_to_cache(
     online: dict, hf_cache: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _real_snapshot_download)
     online["listing"] = ConnectionError("connection refused")
     assert hub.download_model("org/name", "v1") == hf_cache[1]

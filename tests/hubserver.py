@@ -1,0 +1,220 @@
+"""A Hub-compatible HTTP server for tests: model repos served read-only from local folders.
+
+Design
+------
+``HubServer({"org/name": {"main": folder, "v1": other_folder}})`` serves each folder as one
+revision of a model repo on ``127.0.0.1`` (a free port), so tests can run the real
+huggingface_hub client against it (``HF_ENDPOINT=server.endpoint``, ``HF_HUB_DISABLE_XET=1``).
+A revision key is a branch/tag name or a 40-hex commit sha; a name gets a deterministic sha
+(``commit_sha(repo, name)``), and every revision can also be asked for by its sha. Every
+request is recorded in ``.requests`` as ``(method, path)``; ``.fetched()`` lists the files whose
+bytes were sent.
+
+The endpoints are the ones huggingface_hub 2.4 calls to read a model repo (see ``hf_api.py``
+``model_info`` / ``_iter_repo_tree_pages`` and ``file_download.py``):
+
+- ``GET /api/models/{repo}[/revision/{rev}]``: ``model_info``/``repo_info`` (``sha``,
+  ``siblings``).
+- ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=``: ``list_repo_tree`` /
+  ``list_repo_files``, one page (no ``Link`` header).
+- ``HEAD`` / ``GET /{repo}/resolve/{rev}/{file}``: ``hf_hub_download``, with ``X-Repo-Commit``,
+  ``ETag`` (git blob sha1), and for LFS-like files ``X-Linked-Etag`` (sha256) and
+  ``X-Linked-Size``, as the Hub sends them.
+
+Errors carry the Hub's ``X-Error-Code``: ``RepoNotFound`` (404), ``RevisionNotFound`` (404),
+``EntryNotFound`` (404), ``GatedRepo`` (401, for repos listed in ``gated``). Not implemented:
+authentication, pagination, Range requests, redirects to a CDN, Xet, uploads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".onnx", ".msgpack", ".h5")
+SHA_RE = re.compile(r"[0-9a-f]{40}")
+REPO = r"(?P<repo>[^/]+/[^/]+|[^/]+)"  # org/name or a legacy name without org
+API_RE = re.compile(
+    rf"/api/models/{REPO}(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?"
+)
+RESOLVE_RE = re.compile(rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+
+
+def commit_sha(repo_id: str, revision: str) -> str:
+    """The commit sha the server reports for ``revision`` of ``repo_id``."""
+    if SHA_RE.fullmatch(revision):
+        return revision
+    return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+
+
+class HubError(Exception):
+    def __init__(self, status: int, code: str, message: str, commit: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.commit = status, code, commit
+
+
+def _file_info(path: str, data: bytes) -> dict:
+    """A file as the tree endpoint lists it (git blob oid; LFS metadata for weight files)."""
+    info: dict = {"type": "file", "path": path, "size": len(data)}
+    info["oid"] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    if path.endswith(LFS_SUFFIXES):
+        sha256 = hashlib.sha256(data).hexdigest()
+        info["lfs"] = {"oid": sha256, "size": len(data), "pointerSize": 134}
+    return info
+
+
+class HubServer:
+    """Serve ``repos`` (repo id -> {revision or sha -> folder}) on 127.0.0.1 while entered."""
+
+    def __init__(self, repos: dict[str, dict[str, Path]], gated: tuple[str, ...] = ()) -> None:
+        self.names = {repo: {r: commit_sha(repo, r) for r in revs} for repo, revs in repos.items()}
+        self.repos = {
+            repo: {self.names[repo][r]: Path(folder) for r, folder in revs.items()}
+            for repo, revs in repos.items()
+        }
+        self.gated = set(gated)
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.endpoint = ""
+
+    def __enter__(self) -> HubServer:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.hub = self  # type: ignore[attr-defined]
+        self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._httpd is not None and self._thread is not None
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def fetched(self, repo_id: str | None = None) -> set[str]:
+        """Files (repo paths) whose content was sent by ``GET .../resolve/...``."""
+        files = set()
+        for method, path in list(self.requests):
+            m = RESOLVE_RE.fullmatch(urlsplit(path).path)
+            if method == "GET" and m and repo_id in (None, unquote(m["repo"])):
+                files.add(unquote(m["path"]))
+        return files
+
+    def record(self, method: str, path: str) -> None:
+        with self._lock:
+            self.requests.append((method, path))
+
+    # --- repo lookups (raise HubError) ------------------------------------------------------
+
+    def snapshot(self, repo_id: str, revision: str) -> tuple[str, Path]:
+        """(commit sha, folder) of a revision given by name or sha."""
+        if repo_id not in self.repos:
+            raise HubError(404, "RepoNotFound", "Repository not found")
+        if repo_id in self.gated:
+            raise HubError(401, "GatedRepo", "Access to this model is restricted")
+        sha = self.names[repo_id].get(revision, revision)
+        if sha not in self.repos[repo_id]:
+            raise HubError(404, "RevisionNotFound", "Invalid rev id: " + revision)
+        return sha, self.repos[repo_id][sha]
+
+    def files(self, folder: Path) -> dict[str, dict]:
+        """Every file under ``folder``, by repo path, as tree entries."""
+        paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        return {p: _file_info(p, (folder / p).read_bytes()) for p in paths}
+
+    def tree(self, folder: Path, under: str, recursive: bool) -> list[dict]:
+        files = self.files(folder)
+        prefix = under.strip("/") + "/" if under.strip("/") else ""
+        entries: dict[str, dict] = {}
+        for path, info in files.items():
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix) :].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way down
+                sub = prefix + "/".join(parts[:depth])
+                oid = hashlib.sha1(sub.encode()).hexdigest()
+                entries.setdefault(sub, {"type": "directory", "path": sub, "oid": oid})
+                if not recursive:
+                    break
+            if recursive or len(parts) == 1:
+                entries[path] = info
+        if prefix and not entries:
+            raise HubError(404, "EntryNotFound", f"{under} does not exist on this revision")
+        return list(entries.values())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "HubServer/1.0"
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    @property
+    def hub(self) -> HubServer:
+        return self.server.hub  # type: ignore[attr-defined]
+
+    def do_HEAD(self) -> None:
+        self._handle(body=False)
+
+    def do_GET(self) -> None:
+        self._handle(body=True)
+
+    def _handle(self, body: bool) -> None:
+        self.hub.record(self.command, self.path)
+        url = urlsplit(self.path)
+        try:
+            if api := API_RE.fullmatch(url.path):
+                self._api(api, parse_qs(url.query), body)
+            elif resolve := RESOLVE_RE.fullmatch(url.path):
+                self._resolve(resolve, body)
+            else:
+                raise HubError(404, "NotFound", f"no such endpoint: {url.path}")
+        except HubError as e:
+            headers = {"X-Error-Code": e.code, "X-Error-Message": str(e)}
+            if e.commit:
+                headers["X-Repo-Commit"] = e.commit
+            data = json.dumps({"error": str(e)}).encode()
+            self._send(e.status, data, {"Content-Type": "application/json", **headers}, body)
+
+    def _api(self, m: re.Match[str], query: dict[str, list[str]], body: bool) -> None:
+        repo_id, revision = unquote(m["repo"]), unquote(m["rev"] or "main")
+        sha, folder = self.hub.snapshot(repo_id, revision)
+        if m["kind"] == "tree":
+            recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
+            result: object = self.hub.tree(folder, unquote(m["path"] or ""), recursive)
+        else:
+            siblings = [{"rfilename": p} for p in self.hub.files(folder)]
+            result = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False}
+            result.update(gated=False, disabled=False, siblings=siblings)
+        data = json.dumps(result).encode()
+        self._send(200, data, {"Content-Type": "application/json"}, body)
+
+    def _resolve(self, m: re.Match[str], body: bool) -> None:
+        sha, folder = self.hub.snapshot(unquote(m["repo"]), unquote(m["rev"]))
+        path = unquote(m["path"])
+        file = folder / path
+        if ".." in path.split("/") or not file.is_file():
+            raise HubError(404, "EntryNotFound", f"{path} does not exist on this revision", sha)
+        data = file.read_bytes()
+        info = _file_info(path, data)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{info["oid"]}"'}
+        if "lfs" in info:
+            headers["X-Linked-Etag"] = f'"{info["lfs"]["oid"]}"'
+            headers["X-Linked-Size"] = str(len(data))
+        self._send(200, data, {"Content-Type": "application/octet-stream", **headers}, body)
+
+    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
