@@ -282,3 +282,23 @@ def test_plan_reads_no_tensor_data(
     recipe = write(tmp_path, linear(llama_base))
     assert cli("plan", recipe)[0] == 0
     assert cli("validate", recipe)[0] == 0
+
+
+COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat-recipes"
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in COMPAT.glob("*.yaml") if not p.name.startswith("moe_"))
+)
+def test_compat_recipes_validate_offline_with_only_unreachable_models(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, validate may only say that the (real Hub) models cannot be reached."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = cli("validate", COMPAT / name)
+    assert code == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert lines
+    for line in lines:
+        assert "not in the Hugging Face cache" in line and "HF_HUB_OFFLINE=1 is set" in line, line
+        assert line.startswith(f"error: {COMPAT / name}:"), line
