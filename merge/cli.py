@@ -117,7 +117,7 @@ def run(
     start = time.perf_counter()
     target = _guard(go)
     if not quiet:
-        typer.echo(f"wrote {target} in {time.perf_counter() - start:.1f} s", err=True)
+        typer.echo(f"wrote {target} in {time.perf_counter() - start:.2f} s", err=True)
 
 
 @app.command()

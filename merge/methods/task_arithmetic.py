@@ -3,12 +3,12 @@
 Every method here is the same four named steps, differing only in which sparsifier runs and
 whether sign consensus is on (no method has its own copy of the pipeline):
 
-    d_i = x_i - b                                  task_vectors
-    e_i = sparsify(d_i, density_i)                 sparsify_all  (then l1_rescale if rescale)
-    o_i = w_i e_i                                  apply_weights
-    s   = sign(sum_i o_i), 0 counted as +          sign_consensus
-    m_i = [sign(o_i) == s]  (zeros never agree)    sign_consensus (m_i = 1 without consensus)
-    out = b + lambda * sum_i m_i o_i / D           combine
+    d_i = x_i - b                                  weighted_task_vectors
+    e_i = sparsify(d_i, density_i)                 (then l1_rescale if rescale)
+    o_i = w_i e_i
+    s   = sign(sum_i o_i), 0 counted as +          elect_signs
+    m_i = [sign(o_i) == s]  (zeros never agree)    disjoint_merge (m_i = 1 without consensus:
+    out = b + lambda * sum_i m_i o_i / D           linear_merge)
 
 with ``D = sum_i m_i w_i`` (elementwise; 0 replaced by 1) when ``normalize`` is true, else 1.
 
@@ -21,8 +21,9 @@ dare_linear     bernoulli    no             normalize false, rescale true
 dare_ties       bernoulli    yes            normalize false, rescale true
 =============== ============ ============== ======================================
 
-``int8_mask`` only changes the dtype the consensus masks are stored in (int8 instead of
-float32); results are identical.
+``int8_mask`` is accepted for mergekit compatibility; it only ever saved memory, and here the
+sign masks are transient booleans, so there is nothing left for it to save: results are
+identical either way.
 """
 
 from __future__ import annotations
@@ -40,87 +41,84 @@ __all__ = [
     "DARE_TIES",
     "TASK_ARITHMETIC",
     "TIES",
-    "apply_weights",
-    "combine",
+    "disjoint_merge",
+    "elect_signs",
+    "linear_merge",
     "dare_linear",
     "dare_ties",
     "merge_task_vectors",
-    "sign_consensus",
-    "sparsify_all",
     "task_arithmetic",
-    "task_vectors",
+    "weighted_task_vectors",
     "ties",
 ]
 
 
 # --- the steps ------------------------------------------------------------------------------
+# Memory: the executor holds the inputs; the steps add one weighted task vector per model plus
+# a few accumulators, and free everything else as they go (the temporaries they create are
+# their own, so they are updated in place; inputs are never touched).
 
 
-def task_vectors(tensors: list[Tensor], base: Tensor) -> list[Tensor]:
-    """``d_i = x_i - b``."""
-    return [x - base for x in tensors]
-
-
-def sparsify_all(
-    deltas: list[Tensor],
-    densities: list[float],
-    sparsifier: Sparsifier,
+def weighted_task_vectors(
+    tensors: list[Tensor],
+    base: Tensor,
+    weights: list[float],
+    densities: list[float] | None,
+    sparsifier: Sparsifier | None,
     rng: torch.Generator | None,
     rescale: bool,
 ) -> list[Tensor]:
-    """``e_i = sparsifier(d_i, density_i)`` in model order (so random draws are reproducible),
-    then ``e_i * |d_i|_1 / |e_i|_1`` if ``rescale``."""
+    """``o_i = w_i e_i`` with ``d_i = x_i - b``, ``e_i = sparsify(d_i, density_i)`` (then
+    ``e_i * |d_i|_1 / |e_i|_1`` if ``rescale``), in model order so random draws reproduce."""
     out = []
-    for d, density in zip(deltas, densities, strict=True):
-        e = sparsifier(d, float(density), rng)
-        out.append(l1_rescale(e, d) if rescale else e)
+    for i, (x, w) in enumerate(zip(tensors, weights, strict=True)):
+        d = x - base
+        e = d
+        if sparsifier is not None and densities is not None:
+            e = sparsifier(d, float(densities[i]), rng)
+            if rescale:
+                e = l1_rescale(e, d)
+        del d
+        out.append(e.mul_(float(w)))  # e is a fresh temporary of ours
     return out
 
 
-def apply_weights(deltas: list[Tensor], weights: list[float]) -> list[Tensor]:
-    """``o_i = w_i e_i``."""
-    return [d * float(w) for d, w in zip(deltas, weights, strict=True)]
+def elect_signs(weighted: list[Tensor]) -> Tensor:
+    """TIES "elect": True where the majority sign ``sign(sum_i o_i)`` is + (0 counts as +)."""
+    return _sum(weighted) >= 0
 
 
-def sign_consensus(weighted: list[Tensor], int8_mask: bool = False) -> list[Tensor]:
-    """TIES "elect": ``s = sign(sum_i o_i)`` with 0 counted as +, then ``m_i = [sign(o_i) == s]``.
-
-    Entries where ``o_i == 0`` never agree, so they drop out of the divisor too. Masks are int8
-    if ``int8_mask`` else float32 (same numbers)."""
-    total = _sum(weighted)
-    majority = torch.where(total >= 0, 1.0, -1.0)
-    dtype = torch.int8 if int8_mask else torch.float32
-    return [(torch.sign(o) == majority).to(dtype) for o in weighted]
-
-
-def combine(
-    base: Tensor,
-    weighted: list[Tensor],
-    weights: list[float],
-    masks: list[Tensor] | None,
-    normalize: bool,
-    lam: float,
+def disjoint_merge(
+    weighted: list[Tensor], weights: list[float], positive: Tensor, normalize: bool
 ) -> Tensor:
-    """TIES "disjoint merge": ``b + lam * sum_i m_i o_i / D``.
+    """TIES "disjoint merge": ``sum_i m_i o_i / D`` with ``m_i = [sign(o_i) == s]`` (zero entries
+    never agree) and ``D = sum_i m_i w_i`` (0 replaced by 1) if ``normalize``, else 1.
 
-    ``D = sum_i m_i w_i`` elementwise (``sum_i w_i`` without masks), 0 replaced by 1, used only
-    if ``normalize``."""
-    if masks is None:
-        combined = _sum(weighted)
-        divisor: Tensor | float = float(sum(float(w) for w in weights)) or 1.0
-    else:
-        combined = _sum([m * o for m, o in zip(masks, weighted, strict=True)])
-        divisor = _sum([m * float(w) for m, w in zip(masks, weights, strict=True)])
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+    Consumes ``weighted`` (its tensors are zeroed where they disagree)."""
+    combined = torch.zeros_like(weighted[0])
+    divisor = torch.zeros_like(weighted[0]) if normalize else None
+    for o, w in zip(weighted, weights, strict=True):
+        agree = torch.where(positive, o > 0, o < 0)
+        combined.add_(o.mul_(agree))
+        if divisor is not None:
+            divisor.add_(agree.to(divisor.dtype).mul_(float(w)))
+    if divisor is not None:
+        combined.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return combined
+
+
+def linear_merge(weighted: list[Tensor], weights: list[float], normalize: bool) -> Tensor:
+    """``sum_i o_i``, divided by ``sum_i w_i`` (0 replaced by 1) if ``normalize``."""
+    combined = _sum(weighted)
     if normalize:
-        combined = combined / divisor
-    return base + float(lam) * combined
+        combined.div_(float(sum(float(w) for w in weights)) or 1.0)
+    return combined
 
 
 def _sum(tensors: list[Tensor]) -> Tensor:
-    out = tensors[0]
+    out = tensors[0].clone()
     for t in tensors[1:]:
-        out = out + t
+        out.add_(t)
     return out
 
 
@@ -139,12 +137,22 @@ def merge_task_vectors(
     """Run the steps: task vectors -> sparsify -> weight -> sign consensus -> combine."""
     if base is None:
         raise ValueError("task-vector methods need a base tensor, got None")
-    deltas = task_vectors(tensors, base)
-    if sparsifier is not None:
-        deltas = sparsify_all(deltas, params["density"], sparsifier, rng, params["rescale"])
-    weighted = apply_weights(deltas, params["weight"])
-    masks = sign_consensus(weighted, params.get("int8_mask", False)) if consensus else None
-    return combine(base, weighted, params["weight"], masks, params["normalize"], params["lambda"])
+    weights = params["weight"]
+    weighted = weighted_task_vectors(
+        tensors,
+        base,
+        weights,
+        params.get("density"),
+        sparsifier,
+        rng,
+        bool(params.get("rescale", False)),
+    )
+    if consensus:
+        combined = disjoint_merge(weighted, weights, elect_signs(weighted), params["normalize"])
+    else:
+        combined = linear_merge(weighted, weights, params["normalize"])
+    del weighted
+    return combined.mul_(float(params["lambda"])).add_(base)
 
 
 def task_arithmetic(
