@@ -301,16 +301,16 @@ def _tokenizer_donor(recipe: Recipe, donor: str, problems: list[str]) -> str:
     return src
 
 
-def peak_memory(jobs: Sequence[TensorJob], models: dict[str, Model]) -> int:
-    """Expected peak bytes of tensor data while one job runs (inputs stored + float32 copies,
-    output in float32 and in its stored dtype, and the method's working space)."""
+def peak_memory(jobs: Sequence[TensorJob], models: dict[str, Model], method: Method) -> int:
+    """Expected peak bytes of tensor data while one job runs: the inputs as stored and as
+    float32, the method's measured working space (``Method.workspace``) and the output."""
+    per_model, fixed = method.workspace
     peak = 0
     for job in jobs:
         reads = [*job.inputs, *([job.base] if job.base else [])]
         stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
-        n = job.numel
-        work = 4 * n * (len(reads) + 3)
-        peak = max(peak, stored + work + n * job.dtype.itemsize)
+        buffers = 0.0 if job.copy else len(reads) + per_model * len(job.inputs) + fixed
+        peak = max(peak, stored + int(4 * job.numel * buffers) + job.numel * job.dtype.itemsize)
     return peak
 
 
@@ -352,6 +352,6 @@ def make_plan(
         tok_donor,
         config,
         chosen,
-        peak_memory(jobs, models),
+        peak_memory(jobs, models, recipe.method),
         list(recipe.warnings),
     )

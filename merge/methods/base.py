@@ -135,6 +135,8 @@ class Method:
     ``base``: ``"input"`` (a base model, if set, is merged like any other model),
     ``"required"`` (the base is separate, e.g. task vectors), ``"none"`` (no base at all).
     ``min_models``/``max_models`` count ``tensors``, not a required base.
+    ``workspace``: (per model, fixed) number of extra float32 buffers of the tensor's size the
+    function holds at its peak, measured; the planner's peak-memory estimate uses it.
     """
 
     name: str
@@ -146,6 +148,7 @@ class Method:
     paper: str | None
     description: str
     random: bool = False
+    workspace: tuple[float, float] = (1.0, 2.0)
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called ``name``, or ``None``."""

@@ -57,6 +57,7 @@ LINEAR = Method(
     max_models=None,
     paper="https://arxiv.org/abs/2203.05482",
     description="weighted average of the models' tensors",
+    workspace=(0.0, 2.0),
 )
 
 PASSTHROUGH = Method(
@@ -68,4 +69,5 @@ PASSTHROUGH = Method(
     max_models=1,
     paper=None,
     description="copy one model's tensor unchanged (optionally scaled); builds frankenmerges",
+    workspace=(0.0, 0.0),
 )

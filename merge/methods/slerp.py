@@ -72,4 +72,5 @@ SLERP = Method(
     max_models=1,
     paper="https://en.wikipedia.org/wiki/Slerp",
     description="spherical interpolation between the base model and one other model",
+    workspace=(0.0, 2.5),
 )

@@ -212,6 +212,7 @@ TASK_ARITHMETIC = Method(
     max_models=None,
     paper="https://arxiv.org/abs/2212.04089",
     description="add weighted task vectors (model - base) to the base",
+    workspace=(1.0, 1.0),
 )
 TIES = Method(
     name="ties",
@@ -222,6 +223,7 @@ TIES = Method(
     max_models=None,
     paper="https://arxiv.org/abs/2306.01708",
     description="trim task vectors to their largest entries, elect signs, merge the agreeing ones",
+    workspace=(1.0, 6.0),
 )
 DARE_LINEAR = Method(
     name="dare_linear",
@@ -233,6 +235,7 @@ DARE_LINEAR = Method(
     paper="https://arxiv.org/abs/2311.03099",
     description="randomly drop task-vector entries, rescale, add the weighted sum to the base",
     random=True,
+    workspace=(1.0, 2.5),
 )
 DARE_TIES = Method(
     name="dare_ties",
@@ -244,4 +247,5 @@ DARE_TIES = Method(
     paper="https://arxiv.org/abs/2311.03099",
     description="randomly drop task-vector entries, rescale, elect signs, merge the agreeing ones",
     random=True,
+    workspace=(1.0, 2.5),
 )
