@@ -8,7 +8,7 @@ succeeded, so a failed run leaves nothing behind and never touches an existing o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,11 +111,15 @@ def run(
     seed: int | None = None,
     shard_size: str | int = "5GB",
     progress: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Merge: plan, check the output location, stream every tensor, then finalize atomically."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
     with planned(rec, seed=seed, shard_size=shard_size) as p:
+        if warn is not None:
+            for w in p.warnings:
+                warn(w)
         _check_output(p, target, overwrite)
         with AtomicOutput(target, overwrite) as tmp:
             execute(p, tmp, progress=progress)

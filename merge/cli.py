@@ -109,9 +109,14 @@ def run(
 
     def go() -> Path:
         rec = api.load_recipe(recipe)
-        _warn(rec.warnings, quiet)
         return api.run(
-            rec, out, overwrite=overwrite, seed=seed, shard_size=out_shard_size, progress=not quiet
+            rec,
+            out,
+            overwrite=overwrite,
+            seed=seed,
+            shard_size=out_shard_size,
+            progress=not quiet,
+            warn=None if quiet else lambda w: _warn([w], quiet),
         )
 
     start = time.perf_counter()
@@ -127,9 +132,9 @@ def validate(recipe: RecipeArg, quiet: QuietOpt = False) -> None:
     from merge.report import summary
 
     def go() -> list[str]:
-        rec = api.load_recipe(recipe)
-        _warn(rec.warnings, quiet)
-        return summary(api.plan(rec))
+        p = api.plan(recipe)
+        _warn(p.warnings, quiet)
+        return summary(p)
 
     lines = _guard(go)
     typer.echo(f"{recipe}: ok")
@@ -150,9 +155,8 @@ def plan(
     from merge.report import plan_json, plan_text
 
     def go() -> Any:
-        rec = api.load_recipe(recipe)
-        _warn(rec.warnings, quiet)
-        p = api.plan(rec, seed=seed, shard_size=out_shard_size)
+        p = api.plan(recipe, seed=seed, shard_size=out_shard_size)
+        _warn(p.warnings, quiet)
         return json.dumps(plan_json(p), indent=2) if as_json else plan_text(p)
 
     typer.echo(_guard(go))

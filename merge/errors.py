@@ -44,11 +44,3 @@ class OutputError(MergeError):
 
 class PublishError(MergeError):
     """Publishing to the Hub failed."""
-
-
-def collect(errors: Iterable[MergeError], cls: type[MergeError] = MergeError) -> MergeError:
-    """Merge several errors of one phase into one (keeps the most specific common class)."""
-    problems: list[str] = []
-    for e in errors:
-        problems.extend(e.problems)
-    return cls(problems)

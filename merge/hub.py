@@ -72,10 +72,6 @@ def offline_reason() -> str | None:
     return None
 
 
-def is_offline() -> bool:
-    return offline_reason() is not None
-
-
 def select_files(names: Iterable[str]) -> list[str]:
     """The files of a repo listing a merge needs; no weight file at all means an empty list."""
     top = sorted(n for n in names if "/" not in n)

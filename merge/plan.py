@@ -353,5 +353,30 @@ def make_plan(
         config,
         chosen,
         peak_memory(jobs, models, recipe.method),
-        list(recipe.warnings),
+        [*recipe.warnings, *_unused_tensors(recipe, models, jobs, donor)],
     )
+
+
+def _unused_tensors(
+    recipe: Recipe, models: dict[str, Model], jobs: list[TensorJob], donor: str
+) -> list[str]:
+    """Warn about input tensors that no output tensor reads (``models:`` recipes only; slices
+    drop layers on purpose), e.g. an untied lm_head merged onto a donor with tied embeddings."""
+    if recipe.slices:
+        return []
+    read: dict[str, set[str]] = {}
+    for job in jobs:
+        for inp in [*job.inputs, *([job.base] if job.base else [])]:
+            read.setdefault(inp.model, set()).add(inp.name)
+    warnings = []
+    for ref, model in models.items():
+        if ref not in read:
+            continue
+        unused = sorted(set(model.checkpoint.tensors) - read[ref])
+        if unused:
+            more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+            warnings.append(
+                f"model '{ref}': {len(unused)} tensor(s) are not in the output and are ignored: "
+                f"'{unused[0]}'{more} (the output has the tensors of '{donor}')"
+            )
+    return warnings

@@ -302,3 +302,21 @@ def test_compat_recipes_validate_offline_with_only_unreachable_models(
     for line in lines:
         assert "not in the Hugging Face cache" in line and "HF_HUB_OFFLINE=1 is set" in line, line
         assert line.startswith(f"error: {COMPAT / name}:"), line
+
+
+def test_warns_about_input_tensors_left_out(
+    tmp_path: Path, qwen2_tied: Path, make_checkpoint
+) -> None:
+    """A tied donor has no lm_head: another model's own lm_head is ignored, loudly."""
+    untied = make_checkpoint("untied", arch="qwen2", seed=5, tie=False)
+    recipe = write(tmp_path, linear(qwen2_tied, untied))
+    code, _, stderr = cli("run", recipe, tmp_path / "out")
+    assert code == 0, stderr
+    assert stderr.splitlines()[0] == (
+        f"warning: model '{untied}': 1 tensor(s) are not in the output and are ignored: "
+        f"'lm_head.weight' (the output has the tensors of '{qwen2_tied}')"
+    )
+    code, _, stderr = cli("validate", recipe)
+    assert code == 0 and stderr.startswith(f"warning: model '{untied}': 1 tensor(s)")
+    code, _, stderr = cli("run", recipe, tmp_path / "out2", "--quiet")
+    assert code == 0 and stderr == ""
