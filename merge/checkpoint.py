@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from merge import architecture as arch
 from merge.errors import CheckpointError
 
 SAFE_SINGLE = "model.safetensors"
@@ -39,7 +40,6 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -295,13 +295,12 @@ class Checkpoint:
     @property
     def num_layers(self) -> int | None:
         """Layer count from the config (also a nested ``text_config``), or None."""
-        for cfg in (self.config, self.config.get("text_config")):
-            if isinstance(cfg, dict):
-                for key in LAYER_COUNT_KEYS:
-                    value = cfg.get(key)
-                    if isinstance(value, int) and not isinstance(value, bool):
-                        return value
-        return None
+        return arch.num_layers(self.config)
+
+    @property
+    def layer_count(self) -> int:
+        """Layer count from the config, else from the tensor names."""
+        return arch.num_layers(self.config) or arch.count_layers(self.tensors)
 
     def close(self) -> None:
         """Drop file handles and mapped .bin tensors."""

@@ -162,7 +162,7 @@ def _models_jobs(ctx: _Ctx) -> tuple[list[TensorJob], str]:
     inputs, base = _split(recipe.method, sources, recipe.base_model)
     donor = recipe.base_model or sources[0].model
     ckpt = ctx.models[donor].checkpoint
-    num_layers = arch.num_layers(ckpt.config) or arch.count_layers(ckpt.tensors)
+    num_layers = ckpt.layer_count
     jobs = []
     for name in arch.ordered(ckpt.tensors):
         layer = arch.layer_of(name)
@@ -183,7 +183,7 @@ def _models_jobs(ctx: _Ctx) -> tuple[list[TensorJob], str]:
 
 def _check_range(ctx: _Ctx, src: Source) -> bool:
     ckpt = ctx.models[src.model].checkpoint
-    have = arch.num_layers(ckpt.config) or arch.count_layers(ckpt.tensors)
+    have = ckpt.layer_count
     start, end = src.layer_range or (0, 0)
     if end > have:
         ctx.problems.append(
