@@ -19,15 +19,16 @@ from collections.abc import Collection, Sequence
 
 import yaml
 
+from merge.sources import ModelRef
+
 HUB_URL = "https://huggingface.co"
-_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
-_HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")
 
 
-def split_reference(ref: str) -> tuple[str, str | None]:
-    """``org/name@rev`` -> (``org/name``, ``rev``); without ``@`` the revision is None."""
-    name, sep, revision = ref.partition("@")
-    return name, (revision if sep else None)
+def _parse(ref: str) -> ModelRef | None:
+    try:
+        return ModelRef.parse(ref)
+    except ValueError:
+        return None
 
 
 def hub_id(ref: str) -> str | None:
@@ -35,10 +36,8 @@ def hub_id(ref: str) -> str | None:
 
     A LoRA reference ``model+adapter`` counts as its model.
     """
-    name, _ = split_reference(ref.split("+", 1)[0].strip())
-    if not _HUB_ID.match(name) or ".." in name or "--" in name:
-        return None
-    return name
+    parsed = _parse(ref)
+    return parsed.path if parsed is not None and parsed.is_hub else None
 
 
 def _front_matter(ids: list[str]) -> str:
@@ -53,7 +52,8 @@ def _front_matter(ids: list[str]) -> str:
 
 def _model_line(ref: str, is_base: bool, local: bool = False) -> str:
     repo = None if local else hub_id(ref)
-    _, revision = split_reference(ref)
+    parsed = _parse(ref)
+    revision = parsed.revision if parsed is not None else None
     if repo is not None and "+" not in ref:
         text = f"[{repo}]({HUB_URL}/{repo})"
         if revision:

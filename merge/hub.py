@@ -25,23 +25,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from merge.checkpoint import BIN_INDEX, SAFE_INDEX
 from merge.errors import SourceError
+from merge.tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = frozenset(
-    {
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-        "vocab.json",
-        "merges.txt",
-        "added_tokens.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    }
-)
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
+# What a merge needs besides weights and top-level json files.
+NEEDED_FILES = frozenset(TOKENIZER_FILES) | {"generation_config.json"}
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -89,7 +78,7 @@ def select_files(names: Iterable[str]) -> list[str]:
         n
         for n in top
         if (n.endswith(".json") and n != other_index and not n.startswith("consolidated."))
-        or n in TOKENIZER_FILES
+        or n in NEEDED_FILES
     ]
     return sorted(set(weights) | set(meta))
 

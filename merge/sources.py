@@ -25,7 +25,8 @@ from pathlib import Path
 
 from merge.errors import SourceError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
+HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")  # the Hub's rules: no '..' or '--' either
 LOCAL_PREFIXES = ("./", "../", "/", "~")
 
 
@@ -70,7 +71,13 @@ class ModelRef:
     @property
     def is_hub(self) -> bool:
         """Looks like a Hub id (``org/name``) rather than a path; no filesystem access."""
-        return not self.path.startswith(LOCAL_PREFIXES) and bool(HUB_ID.match(self.path))
+        p = self.path
+        return (
+            not p.startswith(LOCAL_PREFIXES)
+            and bool(HUB_ID.match(p))
+            and ".." not in p
+            and "--" not in p
+        )
 
 
 def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:

@@ -342,3 +342,14 @@ def test_unreachable_hub_falls_back_to_cache(
         "be reached (ConnectionError: connection refused); download it once online or use a "
         "local path"
     )
+
+
+def test_select_files_takes_every_tokenizer_file_the_output_copies() -> None:
+    """WordPiece (vocab.txt) and SentencePiece (spiece.model) tokenizers are fetched too."""
+    from merge.hub import select_files
+    from merge.tokenizer import TOKENIZER_FILES
+
+    listing = ["model.safetensors", "config.json", *TOKENIZER_FILES, "README.md", "x.gguf"]
+    chosen = select_files(listing)
+    assert set(TOKENIZER_FILES) <= set(chosen)
+    assert "README.md" not in chosen and "x.gguf" not in chosen
