@@ -14,7 +14,6 @@ from pathlib import Path
 from merge.checkpoint import Checkpoint
 from merge.errors import MergeError, SourceError
 from merge.recipe import Recipe
-from merge.recipe.yamlsrc import PathKey
 from merge.sources import ModelRef, resolve
 
 
@@ -27,38 +26,17 @@ class Model:
     checkpoint: Checkpoint
 
 
-def ref_paths(recipe: Recipe) -> dict[str, PathKey]:
-    """Where each model reference is first written in the recipe."""
-    found: dict[str, PathKey] = {}
-
-    def add(ref: str | None, path: PathKey) -> None:
-        if ref and ref not in found:
-            found[ref] = path
-
-    add(recipe.base_model, ("base_model",))
-    for src in recipe.models or ():
-        add(src.model, src.path + ("model",))
-    for sl in recipe.slices or ():
-        add(sl.base_model, sl.path + ("base_model",))
-        for src in sl.sources:
-            add(src.model, src.path + ("model",))
-    tok = recipe.tokenizer_source
-    if tok and tok not in ("base", "union"):
-        add(tok, ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",))
-    return found
-
-
 def open_models(recipe: Recipe) -> dict[str, Model]:
     """Resolve and open every model of the recipe (headers only)."""
-    paths = ref_paths(recipe)
+    paths = recipe.ref_paths()
     models: dict[str, Model] = {}
     problems: list[str] = []
-    for ref in recipe.model_refs():
+    for ref in paths:
         try:
             directory = resolve(ModelRef.parse(ref), search_dirs=[recipe.file.parent])
             models[ref] = Model(ref, directory, Checkpoint.open(directory, label=ref))
         except MergeError as e:
-            where = recipe.loc.where(paths.get(ref, ()))
+            where = recipe.loc.where(paths[ref])
             problems.extend(f"{where}: {p}" for p in e.problems)
     if problems:
         for m in models.values():

@@ -87,18 +87,27 @@ class Recipe:
     def chat_template(self) -> str | None:
         return self.schema.chat_template
 
+    def ref_paths(self) -> dict[str, PathKey]:
+        """Every model named in the recipe, base first, each once, in recipe order, with the
+        recipe path where it is first written."""
+        found: dict[str, PathKey] = {}
+
+        def add(ref: str | None, path: PathKey) -> None:
+            if ref and ref not in found:
+                found[ref] = path
+
+        add(self.base_model, ("base_model",))
+        for src in self.models or ():
+            add(src.model, src.path + ("model",))
+        for sl in self.slices or ():
+            add(sl.base_model, sl.path + ("base_model",))
+            for src in sl.sources:
+                add(src.model, src.path + ("model",))
+        tok = self.tokenizer_source
+        if tok and tok not in ("base", "union"):
+            add(tok, ("tokenizer", "source") if self.tokenizer else ("tokenizer_source",))
+        return found
+
     def model_refs(self) -> list[str]:
         """Every model named in the recipe, base first, each once, in recipe order."""
-        refs: list[str] = []
-        if self.base_model:
-            refs.append(self.base_model)
-        for src in self.models or ():
-            refs.append(src.model)
-        for sl in self.slices or ():
-            if sl.base_model:
-                refs.append(sl.base_model)
-            refs.extend(s.model for s in sl.sources)
-        src_tok = self.tokenizer_source
-        if src_tok and src_tok not in ("base", "union"):
-            refs.append(src_tok)
-        return list(dict.fromkeys(refs))
+        return list(self.ref_paths())
