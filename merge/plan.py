@@ -150,7 +150,7 @@ def _split(
 ) -> tuple[list[Source], Source | None]:
     """(per-model inputs, separate base source) for a method."""
     inputs = method_inputs(method, sources, base)
-    if method.base != "required":
+    if method.base not in ("required", "optional") or (method.base == "optional" and not base):
         return inputs, None
     found = next((s for s in sources if s.model == base), None)
     return inputs, found or Source(base or "", {}, ("base_model",))

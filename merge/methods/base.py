@@ -47,7 +47,7 @@ REQUIRED = _Required.REQUIRED
 MethodFn = Callable[
     [list[Tensor], "Tensor | None", dict[str, Any], "torch.Generator | None"], Tensor
 ]
-BaseRole = Literal["input", "required", "none"]
+BaseRole = Literal["input", "required", "optional", "none"]
 
 
 def show_value(value: Any) -> str:
@@ -68,8 +68,10 @@ class Param:
     """One declared parameter of a method: its type, range, default and scope.
 
     ``per_model`` parameters are given under ``models[i].parameters`` (one value per model);
-    the others under the top-level ``parameters``. ``kind`` is ``float``, ``int`` or ``bool``.
-    ``low``/``high`` bound numbers, inclusive unless ``low_open``/``high_open``.
+    the others under the top-level ``parameters``. ``kind`` is ``float``, ``int``, ``bool`` or
+    ``str``. ``low``/``high`` bound numbers, inclusive unless ``low_open``/``high_open``.
+    ``choices``: the allowed strings of a ``str`` parameter, or strings a ``bool`` parameter
+    also accepts (``rescale: inverse_density`` beside ``rescale: true``).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     help: str = ""
+    choices: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -91,9 +94,15 @@ class Param:
         """Return ``None`` if ``value`` is acceptable, else a message like
         ``"must be in (0, 1], got 1.5"``. Bools are not numbers, numbers are not bools, and
         ints are accepted where floats are expected."""
+        if self.choices and isinstance(value, str):
+            if value in self.choices:
+                return None
+            return f"must be {self.describe_choices()}, got {show_value(value)}"
+        if self.kind is str:
+            return f"must be {self.describe_choices()}, got {show_value(value)}"
         if self.kind is bool:
             if not isinstance(value, bool):
-                return f"must be true or false, got {show_value(value)}"
+                return f"must be {self.describe_choices()}, got {show_value(value)}"
             return None
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
@@ -113,9 +122,16 @@ class Param:
             return False
         return True
 
+    def describe_choices(self) -> str:
+        """``"true, false, l1 or inverse_density"`` (bool/str parameters)."""
+        words = (["true", "false"] if self.kind is bool else []) + list(self.choices)
+        if len(words) == 2 and self.kind is bool:
+            return "true or false"
+        return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
     def describe_range(self) -> str:
         """The allowed range in words: ``"(0, 1]"``, ``">= 0"``, ``"< 1"`` or ``""`` (any)."""
-        if self.kind is bool:
+        if self.kind in (bool, str):
             return ""
         if self.low is not None and self.high is not None:
             left = "(" if self.low_open else "["
@@ -133,7 +149,9 @@ class Method:
     """A named merge method: its pure tensor function, parameters and metadata.
 
     ``base``: ``"input"`` (a base model, if set, is merged like any other model),
-    ``"required"`` (the base is separate, e.g. task vectors), ``"none"`` (no base at all).
+    ``"required"`` (the base is separate, e.g. task vectors), ``"optional"`` (separate when
+    ``base_model`` is set, else ``base`` is ``None``), ``"none"`` (no base at all).
+    ``fixes``: how this method differs from mergekit's on purpose (a defect fixed), or "".
     ``min_models``/``max_models`` count ``tensors``, not a required base.
     ``workspace``: (per model, fixed) number of extra float32 buffers of the tensor's size the
     function holds at its peak, measured; the planner's peak-memory estimate uses it.
@@ -149,6 +167,7 @@ class Method:
     description: str
     random: bool = False
     workspace: tuple[float, float] = (1.0, 2.0)
+    fixes: str = ""
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called ``name``, or ``None``."""

@@ -58,6 +58,8 @@ LINEAR = Method(
     paper="https://arxiv.org/abs/2203.05482",
     description="weighted average of the models' tensors",
     workspace=(0.0, 2.0),
+    fixes="a base_model without a weight is reported at validation with a hint "
+    "(mergekit crashes mid-merge)",
 )
 
 PASSTHROUGH = Method(

@@ -194,13 +194,15 @@ def _check_required(
 
 def _describe(p: Param) -> str:
     rng = p.describe_range()
-    kind = {bool: "true/false", int: "an integer", float: "a number"}.get(p.kind, p.kind.__name__)
+    if p.kind in (bool, str):
+        return p.describe_choices()
+    kind = {int: "an integer", float: "a number"}.get(p.kind, p.kind.__name__)
     return f"{kind} in {rng}" if rng else kind
 
 
 def method_inputs(method: Method, sources: Sequence[Source], base: str | None) -> list[Source]:
     """The sources that the method takes as per-model inputs (the base, when separate, not)."""
-    if method.base == "required":
+    if method.base in ("required", "optional"):
         return [s for s in sources if s.model != base]
     if method.base == "input" and base and all(s.model != base for s in sources):
         return [*sources, Source(base, {}, ("base_model",))]
@@ -230,7 +232,7 @@ def _check_inputs(
     n, lo, hi = len(inputs), method.min_models, method.max_models
     if n < lo or (hi is not None and n > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        besides = " besides the base model" if method.base == "required" else ""
+        besides = " besides the base model" if method.base in ("required", "optional") else ""
         problems.append(loc.error(at, f"{method.name} takes {want} model(s){besides}, got {n}"))
     _check_required(method, inputs, outer, at, base, loc, problems)
 
@@ -271,7 +273,8 @@ def _slices(
                 )
             )
         base = sl.base_model or schema.base_model
-        if method.base == "required" and base and all(s.model != base for s in sources):
+        separate = method.base == "required" or (method.base == "optional" and base)
+        if separate and base and all(s.model != base for s in sources):
             problems.append(
                 loc.error(
                     path + ("sources",),
