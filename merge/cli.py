@@ -162,6 +162,27 @@ def plan(
     typer.echo(_guard(go))
 
 
+@app.command()
+def methods(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Show only this method, with each parameter's meaning."),
+    ] = None,
+) -> None:
+    """List the merge methods with their parameters (scope, type, default, range) and papers."""
+    from merge.methods import UnknownMethodError, get_method
+    from merge.methods.docs import method_text, methods_text
+
+    if name is None:
+        typer.echo(methods_text())
+        return
+    try:
+        method = get_method(name)
+    except UnknownMethodError as e:
+        _fail([str(e)])
+    typer.echo(method_text(method, details=True))
+
+
 def main() -> None:
     app(prog_name="merge")
 

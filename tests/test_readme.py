@@ -34,9 +34,10 @@ def test_generator_check_mode_detects_drift(tmp_path: Path) -> None:
 
 def test_every_command_is_documented() -> None:
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]  # type: ignore[union-attr]
-    assert sorted(commands) == ["plan", "run", "validate"]
+    assert sorted(commands) == ["methods", "plan", "run", "validate"]
     for name in commands:
-        assert f"`merge {name} RECIPE" in README, name
+        usage = "[NAME]" if name == "methods" else "RECIPE"
+        assert f"`merge {name} {usage}" in README, name
     for option in ("--overwrite", "--seed", "--out-shard-size", "--quiet", "--json", "--version"):
         assert option in README, option
 

@@ -41,6 +41,37 @@ def _models(m: Method) -> str:
     )
 
 
+def _plain(p: Param) -> str:
+    return param_text(p).replace("`", "")
+
+
+def method_text(m: Method, *, details: bool = False) -> str:
+    """The plain-text description ``merge methods`` prints for one method."""
+    lines = [f"{m.name}: {m.description}"]
+    lines.append(f"  base model: {_BASE[m.base]}; models: {_models(m)}")
+    for scope, per_model in (("per-model", True), ("global", False)):
+        params = [p for p in m.params if p.per_model == per_model]
+        if not params:
+            continue
+        if details:
+            lines.append(f"  {scope} parameters:")
+            lines.extend(f"    {_plain(p)}{': ' + p.help if p.help else ''}" for p in params)
+        else:
+            lines.append(f"  {scope}: " + ", ".join(_plain(p) for p in params))
+    if m.random:
+        lines.append("  random: seeded per output tensor (recipe seed or --seed)")
+    if m.fixes:
+        lines.append(f"  fix vs mergekit: {m.fixes}")
+    if m.paper:
+        lines.append(f"  paper: {m.paper}")
+    return "\n".join(lines)
+
+
+def methods_text() -> str:
+    """Every registered method, as ``merge methods`` prints them."""
+    return "\n\n".join(method_text(METHODS[name]) for name in sorted(METHODS))
+
+
 def method_row(m: Method) -> str:
     per = "<br>".join(param_text(p) for p in m.params if p.per_model) or "-"
     glob = "<br>".join(param_text(p) for p in m.params if not p.per_model) or "-"
