@@ -14,8 +14,9 @@ Every problem found while opening (missing folder, no weights, corrupt or trunca
 missing shard, index inconsistent with the shards, bad ``config.json``) is a ``CheckpointError``
 whose lines name the model label and the file.
 
-What this module does not do: download (see ``merge.sources``/``merge.hub``), LoRA adapters,
-GGUF or other formats, dtype conversion, or any writing: inputs are opened read-only.
+What this module does not do: download (see ``merge.sources``/``merge.hub``), LoRA adapters
+(``merge.lora``), GGUF or other formats, dtype conversion, or any writing: inputs are opened
+read-only.
 """
 
 from __future__ import annotations
@@ -178,9 +179,12 @@ def _find_weights(directory: Path, label: str) -> tuple[Format, Path]:
     loose = [p for p in directory.glob("*.safetensors") if not p.name.startswith("adapter_")]
     if len(loose) == 1 and loose[0].is_file():
         return "safetensors", loose[0]
+    hint = ""
+    if (directory / "adapter_config.json").is_file():
+        hint = "; it holds a LoRA adapter: name it as 'base_model+adapter'"
     raise CheckpointError(
         f"{_where(label, directory)}: no model weights found: expected {SAFE_SINGLE}, "
-        f"{SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+        f"{SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}{hint}"
     )
 
 

@@ -6,8 +6,10 @@ Design
 Hugging Face cache and returns the snapshot folder: config and other top-level json files,
 tokenizer files, and one weight format (safetensors + index if the repo has any, else
 ``pytorch_model*.bin`` + index; never both, never gguf/onnx/msgpack/h5, ``original/`` or
-``consolidated.*``). Which files to take is decided by a pure function (``select_files``) over
-the repo listing when online, or over the cached snapshot when offline.
+``consolidated.*``), plus a LoRA adapter's ``adapter_model.safetensors`` (else ``.bin``) and
+``adapter_config.json`` when the repo has them. Which files to take is decided by a pure
+function (``select_files``) over the repo listing when online, or over the cached snapshot when
+offline.
 
 Environment is read at call time (huggingface_hub reads some of it once at import):
 ``HF_HUB_CACHE`` / ``HUGGINGFACE_HUB_CACHE`` / ``HF_HOME`` / ``XDG_CACHE_HOME`` pick the cache,
@@ -70,7 +72,8 @@ def select_files(names: Iterable[str]) -> list[str]:
         if n.endswith(".safetensors") and not n.startswith(("consolidated.", "adapter_"))
     ]
     bins = [n for n in top if n.startswith("pytorch_model") and n.endswith(".bin")]
-    weights = safetensors or bins
+    adapter = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in top][:1]
+    weights = (safetensors or bins) + adapter
     if not weights:
         return []
     other_index = BIN_INDEX if safetensors else SAFE_INDEX
@@ -101,7 +104,7 @@ def download_model(repo_id: str, revision: str | None) -> Path:
     files = select_files(names)
     if not files:
         raise SourceError(
-            f"model '{label}': the repo has no safetensors or pytorch_model.bin weights"
+            f"model '{label}': the repo has no safetensors, pytorch_model.bin or adapter weights"
         )
     with _hub_errors(label, revision, cache):
         folder = snapshot_download(
@@ -126,7 +129,7 @@ def _from_cache(repo_id: str, revision: str | None, cache: Path, label: str, rea
                 )
             )
 
-    folder = cached(["config.json"])  # locates the snapshot; checks only config.json
+    folder = cached(["config.json", "adapter_config.json"])  # locates the snapshot
     files = select_files(p.name for p in folder.iterdir() if p.is_file())
     if not files:
         raise SourceError(f"model '{label}': the cached snapshot {folder} has no weights")

@@ -5,15 +5,16 @@ Design
 A reference is ``path[@revision][+adapter[@revision]]`` (mergekit's syntax). ``ModelRef.parse``
 only checks syntax; ``resolve`` decides what the text means, in this order:
 
-1. ``base+adapter`` (LoRA): refused for now, behind one function (``_resolve_lora``) that a later
-   release replaces.
+1. ``base+adapter`` (LoRA): ``resolve_pair`` resolves both sides by the rules below and reports
+   the failures of both together; ``resolve`` gives the base's folder (config and tokenizer
+   come from it). ``merge.lora`` applies the adapter when the checkpoint is opened.
 2. A local directory, relative to the current directory or to one of ``search_dirs`` (the
    recipe's folder), ``~`` expanded. Text that can only be a path (``./``, ``../``, ``/``, ``~``,
    or more than one ``/``) and does not exist is an error, never a Hub lookup.
 3. A Hub id ``org/name``: handed to ``merge.hub.download_model`` (the only Hub code).
 
 What this module does not do: read checkpoints (``merge.checkpoint``), talk to the Hub itself,
-pin or record revisions (``merge.lock``), or merge LoRA adapters.
+pin or record revisions (``merge.lock``), or read LoRA adapters (``merge.lora``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class ModelRef:
             raise ValueError(f"'{text}': missing revision after '@'")
         return cls(path, revision)
 
+    @property
+    def base(self) -> ModelRef:
+        """The reference without its adapter."""
+        return ModelRef(self.path, self.revision)
+
     def __str__(self) -> str:
         text = self.path if self.revision is None else f"{self.path}@{self.revision}"
         return text if self.lora is None else f"{text}+{self.lora}"
@@ -81,38 +87,53 @@ class ModelRef:
 
 
 def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:
-    """Return the local folder holding ``ref``'s files, downloading Hub models if needed."""
+    """Return the local folder holding ``ref``'s files, downloading Hub models if needed.
+
+    For ``base+adapter`` both are resolved and the base's folder is returned."""
     if ref.lora is not None:
-        return _resolve_lora(ref, search_dirs)
+        return resolve_pair(ref, search_dirs=search_dirs)[0]
+    return _resolve_one(ref, search_dirs, "model")
+
+
+def resolve_pair(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> tuple[Path, Path | None]:
+    """The base's folder and the adapter's folder (None without ``+adapter``).
+
+    A failure on either side is reported, both sides' together."""
+    problems: list[str] = []
+    folders: list[Path | None] = []
+    for side, what in ((ref.base, "model"), (ref.lora, "adapter")):
+        try:
+            folders.append(None if side is None else _resolve_one(side, search_dirs, what))
+        except SourceError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise SourceError(problems)
+    base, adapter = folders
+    assert base is not None
+    return base, adapter
+
+
+def _resolve_one(ref: ModelRef, search_dirs: Sequence[Path], what: str) -> Path:
+    """One side of a reference: local folder first, then the Hub."""
     local = _find_local(ref.path, search_dirs)
     if local is not None:
         if ref.revision is not None:
             raise SourceError(
-                f"model '{ref}': a revision (@{ref.revision}) applies only to Hub models, "
+                f"{what} '{ref}': a revision (@{ref.revision}) applies only to Hub models, "
                 f"but '{ref.path}' is a local directory ({local})"
             )
         return local
     if _must_be_local(ref.path):
-        raise SourceError(f"model '{ref}': local path not found{_looked_in(ref.path, search_dirs)}")
+        raise SourceError(
+            f"{what} '{ref}': local path not found{_looked_in(ref.path, search_dirs)}"
+        )
     if ref.is_hub:
         from merge.hub import download_model
 
         return download_model(ref.path, ref.revision)
     raise SourceError(
-        f"model '{ref}': not a local directory{_looked_in(ref.path, search_dirs)} and not a "
-        "Hugging Face repo id; use a model folder path or 'org/name' (optionally '@revision')"
-    )
-
-
-def _resolve_lora(ref: ModelRef, search_dirs: Sequence[Path]) -> Path:
-    """Seam for ``base+adapter``: a later release resolves both and merges the adapter.
-
-    Both sides are resolved first, so an unreachable model is reported as such."""
-    resolve(ModelRef(ref.path, ref.revision), search_dirs=search_dirs)
-    assert ref.lora is not None
-    resolve(ref.lora, search_dirs=search_dirs)
-    raise SourceError(
-        f"model '{ref}': LoRA adapters (base+adapter) are not supported in this release"
+        f"{what} '{ref}': not a local directory{_looked_in(ref.path, search_dirs)} and not a "
+        f"Hugging Face repo id; use a {what} folder path or 'org/name' (optionally '@revision')"
     )
 
 

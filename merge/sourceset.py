@@ -3,6 +3,11 @@
 ``open_models(recipe)`` gives one ``Model`` per distinct reference, in recipe order (base
 first). Problems from every model are collected and raised together, each prefixed with the
 recipe line that names the model.
+
+A ``base+adapter`` reference opens the base's checkpoint wrapped in a ``LoraCheckpoint``
+(``merge.lora``), which reads the adapter and checks it against the base's headers now; the
+model's ``directory`` is the base's folder (config, tokenizer and generation config come from
+it) and ``adapter`` the adapter's.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from pathlib import Path
 
 from merge.checkpoint import Checkpoint
 from merge.errors import MergeError, SourceError
+from merge.lora import LoraCheckpoint
 from merge.recipe import Recipe
-from merge.sources import ModelRef, resolve
+from merge.sources import ModelRef, resolve_pair
 
 
 @dataclass
@@ -23,7 +29,8 @@ class Model:
 
     ref: str
     directory: Path
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | LoraCheckpoint
+    adapter: Path | None = None
 
 
 def open_models(recipe: Recipe) -> dict[str, Model]:
@@ -33,8 +40,7 @@ def open_models(recipe: Recipe) -> dict[str, Model]:
     problems: list[str] = []
     for ref in paths:
         try:
-            directory = resolve(ModelRef.parse(ref), search_dirs=[recipe.file.parent])
-            models[ref] = Model(ref, directory, Checkpoint.open(directory, label=ref))
+            models[ref] = _open(ref, recipe.file.parent)
         except MergeError as e:
             where = recipe.loc.where(paths[ref])
             problems.extend(f"{where}: {p}" for p in e.problems)
@@ -45,15 +51,33 @@ def open_models(recipe: Recipe) -> dict[str, Model]:
     return models
 
 
+def _open(text: str, recipe_dir: Path) -> Model:
+    ref = ModelRef.parse(text)
+    directory, adapter = resolve_pair(ref, search_dirs=[recipe_dir])
+    base = Checkpoint.open(directory, label=text)
+    if adapter is None or ref.lora is None:
+        return Model(text, directory, base)
+    try:
+        ckpt = LoraCheckpoint.open(
+            base, adapter, label=text, base_label=str(ref.base), adapter_label=str(ref.lora)
+        )
+    except BaseException:
+        base.close()
+        raise
+    return Model(text, directory, ckpt, adapter)
+
+
 def close_models(models: dict[str, Model]) -> None:
     for m in models.values():
         m.checkpoint.close()
 
 
 def iter_unique_dirs(models: dict[str, Model]) -> Iterator[Path]:
+    """Every input folder once: each model's, then its adapter's."""
     seen: set[Path] = set()
     for m in models.values():
-        d = m.directory.resolve()
-        if d not in seen:
-            seen.add(d)
-            yield d
+        for folder in (m.directory, m.adapter):
+            d = folder.resolve() if folder is not None else None
+            if d is not None and d not in seen:
+                seen.add(d)
+                yield d

@@ -18,7 +18,7 @@ from _ckpt_utils import tiny_state_dict, write_safetensors
 from merge import hub
 from merge.checkpoint import Checkpoint
 from merge.errors import SourceError
-from merge.sources import ModelRef, resolve
+from merge.sources import ModelRef, resolve, resolve_pair
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 _real_snapshot_download = huggingface_hub.snapshot_download
@@ -130,21 +130,29 @@ def test_local_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert str(info.value) == message
 
 
-def test_lora_not_supported(tmp_path: Path) -> None:
+def test_lora_resolves_both_sides(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
     (tmp_path / "adapter").mkdir()
-    with pytest.raises(SourceError) as info:
-        resolve(ModelRef.parse("./base+./adapter"), search_dirs=[tmp_path])
-    assert str(info.value) == (
-        "model './base+./adapter': LoRA adapters (base+adapter) are not supported in this release"
-    )
+    ref = ModelRef.parse("./base+./adapter")
+    assert resolve_pair(ref, search_dirs=[tmp_path]) == (tmp_path / "base", tmp_path / "adapter")
+    assert resolve_pair(ref.base, search_dirs=[tmp_path]) == (tmp_path / "base", None)
+    assert resolve(ref, search_dirs=[tmp_path]) == tmp_path / "base"  # config, tokenizer
 
 
-def test_lora_reports_an_unreachable_side_first(tmp_path: Path) -> None:
+def test_lora_reports_an_unreachable_side(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
     with pytest.raises(SourceError) as info:
         resolve(ModelRef.parse("./base+./adapter"), search_dirs=[tmp_path])
-    assert str(info.value).startswith("model './adapter': local path not found")
+    assert (
+        str(info.value)
+        == f"adapter './adapter': local path not found (looked in CWD and {tmp_path})"
+    )
+    with pytest.raises(SourceError) as info:
+        resolve_pair(ModelRef.parse("./nope+./adapter@v1"), search_dirs=[tmp_path])
+    assert info.value.problems == [
+        f"model './nope': local path not found (looked in CWD and {tmp_path})",
+        f"adapter './adapter@v1': local path not found (looked in CWD and {tmp_path})",
+    ]
 
 
 # --- the Hub, offline against a locally built cache -------------------------------------------
