@@ -17,17 +17,8 @@ import yaml
 from torch.testing import assert_close
 
 from merge import api
+from support import run_recipe, states
 from tiny import assert_loads_and_generates, load_state
-
-
-def run_recipe(tmp_path: Path, recipe: dict, name: str = "out", **kwargs: object) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return api.run(path, tmp_path / name, progress=False, **kwargs)  # type: ignore[arg-type]
-
-
-def states(*dirs: Path) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.float() for k, v in load_state(d).items()} for d in dirs]
 
 
 def test_linear(tmp_path: Path, llama_base: Path, llama_ft1: Path, llama_ft2: Path) -> None:

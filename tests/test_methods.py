@@ -25,9 +25,19 @@ from merge.methods import (
     unregister,
 )
 from merge.methods.sparsify import bernoulli_mask, magnitude_mask
+from support import fill
 
 SHAPE = (6, 5)
 ALL = ["dare_linear", "dare_ties", "linear", "passthrough", "slerp", "task_arithmetic", "ties"]
+"""The methods of the first release, specified and exercised in this file."""
+EVERY = sorted(
+    [
+        *ALL,
+        *("nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion"),
+        *("ram", "sce", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"),
+    ]
+)
+"""Every built-in method (the later ones are tested in test_methods_geometric/_sparse.py)."""
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -39,18 +49,6 @@ def gen(seed: int) -> torch.Generator:
 
 def rand(seed: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
     return torch.randn(shape, generator=gen(seed))
-
-
-def fill(name: str, n: int, **given: Any) -> dict[str, Any]:
-    """Every declared param: defaults, then ``given``; per-model scalars are broadcast."""
-    params: dict[str, Any] = {}
-    for p in get_method(name).params:
-        value = given.get(p.name, p.default)
-        assert value is not REQUIRED, f"test forgot {p.name}"
-        params[p.name] = (
-            ([value] * n if not isinstance(value, list) else value) if p.per_model else value
-        )
-    return params
 
 
 def call(
@@ -135,10 +133,10 @@ def example(
 # --- registry -------------------------------------------------------------------------------
 
 
-def test_registry_lists_exactly_the_seven_methods() -> None:
-    assert method_names() == ALL
-    assert set(METHODS) == set(ALL)
-    for name in ALL:
+def test_registry_lists_exactly_the_builtin_methods() -> None:
+    assert method_names() == EVERY
+    assert set(METHODS) == set(EVERY)
+    for name in EVERY:
         assert get_method(name).name == name
 
 
@@ -151,7 +149,7 @@ def test_suggest_and_unknown_method_message() -> None:
     message = str(info.value)
     assert "unknown merge method 'tie'" in message
     assert "did you mean 'ties'?" in message
-    assert "dare_linear, dare_ties, linear" in message
+    assert "dare_linear, dare_ties, della" in message
 
 
 def test_register_and_unregister_a_plugin() -> None:
@@ -178,7 +176,7 @@ def test_register_and_unregister_a_plugin() -> None:
     assert "mean_plugin" not in METHODS
     with pytest.raises(KeyError):
         get_method("mean_plugin")
-    assert method_names() == ALL
+    assert method_names() == EVERY
 
 
 # --- parameter declarations and checks ------------------------------------------------------
@@ -256,7 +254,13 @@ SPEC: dict[str, tuple[str, int, int | None, bool, dict[str, tuple[bool, type, An
         1,
         None,
         False,
-        {**SPARSE, **FLAGS, "normalize": (False, bool, True), "rescale": (False, bool, False)},
+        {
+            **SPARSE,
+            **FLAGS,
+            "normalize": (False, bool, True),
+            "rescale": (False, bool, False),
+            "trim": (False, str, "local"),
+        },
     ),
 }
 for _dare in ("dare_linear", "dare_ties"):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["REQUIRED", "Method", "MethodFn", "Param", "show_value"]
+__all__ = ["REQUIRED", "Method", "MethodFn", "Param", "ParamCheck", "show_value"]
 
 
 class _Required(enum.Enum):
@@ -48,6 +48,8 @@ MethodFn = Callable[
     [list[Tensor], "Tensor | None", dict[str, Any], "torch.Generator | None"], Tensor
 ]
 BaseRole = Literal["input", "required", "optional", "none"]
+ParamCheck = Callable[[dict[str, Any], list[str]], list[str]]
+"""``check(params, models) -> problems``: a rule across one tensor's effective values."""
 
 
 def show_value(value: Any) -> str:
@@ -155,6 +157,10 @@ class Method:
     ``min_models``/``max_models`` count ``tensors``, not a required base.
     ``workspace``: (per model, fixed) number of extra float32 buffers of the tensor's size the
     function holds at its peak, measured; the planner's peak-memory estimate uses it.
+    ``check``: optional rule across parameters (e.g. della's ``density +/- epsilon`` in (0, 1))
+    that the planner runs on each tensor's effective ``params``, with ``models`` the input
+    model references aligned with per-model lists; it returns messages (naming the model where
+    one is at fault), which the planner reports with the tensor's name.
     """
 
     name: str
@@ -168,6 +174,7 @@ class Method:
     random: bool = False
     workspace: tuple[float, float] = (1.0, 2.0)
     fixes: str = ""
+    check: ParamCheck | None = None
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called ``name``, or ``None``."""

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import difflib
 
+from merge.methods.adaptive import MODEL_STOCK, RAM, SCE
 from merge.methods.base import Method
 from merge.methods.linear import LINEAR, PASSTHROUGH
+from merge.methods.pairwise import ARCEE_FUSION, NEARSWAP
 from merge.methods.slerp import SLERP
-from merge.methods.task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
+from merge.methods.spherical import KARCHER, MULTISLERP, NUSLERP
+from merge.methods.task_family import (
+    BREADCRUMBS,
+    BREADCRUMBS_TIES,
+    DARE_LINEAR,
+    DARE_TIES,
+    DELLA,
+    DELLA_LINEAR,
+    TASK_ARITHMETIC,
+    TIES,
+)
 
 __all__ = [
     "METHODS",
@@ -75,4 +87,8 @@ def _unknown(name: str) -> str:
 
 
 for _builtin in (LINEAR, PASSTHROUGH, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES):
+    register(_builtin)
+for _builtin in (BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR):
+    register(_builtin)
+for _builtin in (NUSLERP, MULTISLERP, KARCHER, MODEL_STOCK, SCE, RAM, NEARSWAP, ARCEE_FUSION):
     register(_builtin)

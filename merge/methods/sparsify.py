@@ -1,39 +1,93 @@
-"""Named sparsification steps for task vectors ``d = x - b``.
+"""Named sparsification and rescale steps for task vectors ``d = x - b``.
 
-A sparsifier maps ``(d, density, rng)`` to ``e``, a copy of ``d`` with some entries zeroed
-(``d`` itself when ``density >= 1``; never modified):
+A sparsifier maps ``(d, opts, rng)`` to a ``Pruned``: ``values``, a copy of ``d`` with some
+entries zeroed (``d`` itself when nothing is dropped; ``d`` is never modified), and ``keep``,
+the probability (or fraction) with which the kept entries were kept, for the
+``inverse_density`` rescale. ``opts`` holds one model's per-model parameters (``density``,
+``gamma``, ``epsilon``, ...). ``density >= 1`` keeps everything and draws nothing.
 
-- ``magnitude``: keep exactly ``k = int(density * numel)`` entries of largest ``|d|``
-  (TIES, https://arxiv.org/abs/2306.01708). Exact ties in magnitude are broken by
-  ``torch.topk``, so the count is always exactly ``k``.
-- ``bernoulli``: keep each entry independently with probability ``density``, drawn as
-  ``torch.rand(d.shape, generator=rng) < density`` (DARE, https://arxiv.org/abs/2311.03099).
-  ``density >= 1`` keeps everything and draws nothing, so the generator is not advanced.
+================ ========================================================== ==================
+sparsifier       kept entries                                               ``keep``
+================ ========================================================== ==================
+``magnitude``    exactly ``k = int(density * n)`` largest ``|d|`` (TIES)   ``k / n``
+``bernoulli``    each with probability ``density`` (DARE)                   ``density``
+``breadcrumbs``  ``|d|`` ranks ``[top, top + k)`` from the largest, with    ``k / n``
+                 ``top = int(gamma * n)`` lowered until the band fits
+``della``        each with probability ``p`` from its rank in its row       ``p`` per entry
+================ ========================================================== ==================
 
-``l1_rescale`` restores the L1 norm of the pruned vector (mergekit's ``rescale``):
-``e * |d|_1 / |e|_1``, left unchanged when ``|e|_1 == 0``.
+Papers: TIES https://arxiv.org/abs/2306.01708, DARE https://arxiv.org/abs/2311.03099, Model
+Breadcrumbs https://arxiv.org/abs/2312.06795, DELLA https://arxiv.org/abs/2406.11617.
+
+Exact counts: ``magnitude`` and ``breadcrumbs`` keep exactly their counts even with tied
+magnitudes (``torch.topk`` breaks the ties). Breadcrumbs' band is one ``topk`` of ``top + k``
+candidates, then the ``top`` largest of those are dropped, so the two cuts nest. **Fix vs
+mergekit:** when ``int(gamma * n) == 0`` mergekit keeps ``sorted[n_bot:-0]``, an empty slice,
+and zeroes the whole tensor (every small norm vector); here no top entry is dropped then.
+
+DELLA ranks: within each row (the last dim; a 1-D tensor is one row) the entries are ranked by
+``|d|`` ascending, ``0 .. n-1``, equal magnitudes in index order (a stable sort), and the rank
+is normalised as ``r / (n - 1)`` to [0, 1], as mergekit's ``della_magprune`` does (its
+``(rank - min) / (max - min)`` on ranks ``1 .. n``). A row of one entry has rank 0.5 (mergekit
+divides by zero there). Keep probability ``p = density - epsilon + 2 * epsilon * rank``, which
+averages ``density`` over a row; ``density +/- epsilon`` must lie in (0, 1) (the planner checks
+this before any data is read; here it is a ``ValueError``). mergekit ranks along dim 1, which
+is the last dim for every 1-D and 2-D tensor.
+
+Random draws (``bernoulli`` and ``della``): one ``torch.rand(d.shape, generator=rng)`` per
+call, an entry is kept where the draw is ``< p`` (``p = density`` for ``bernoulli``); so with
+``epsilon = 0`` della draws exactly DARE's mask.
+
+Rescale (``rescale`` parameter, see ``rescale_mode``): ``l1`` (``true``, mergekit's) gives
+``e * |d|_1 / |e|_1`` (unchanged when ``|e|_1 == 0``); ``inverse_density`` (the papers')
+divides each kept entry by its ``keep``; ``false`` leaves ``e`` as it is.
 
 Everything here is pure: inputs are never modified, the global RNG is never used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "SPARSIFIERS",
+    "Pruned",
+    "RescaleMode",
     "Sparsifier",
+    "band_counts",
+    "band_mask",
     "bernoulli",
     "bernoulli_mask",
+    "breadcrumbs",
+    "della",
+    "della_bounds_problem",
     "l1_rescale",
     "magnitude",
     "magnitude_mask",
+    "threshold_mask",
+    "rank_keep_probability",
+    "rescale",
+    "rescale_mode",
 ]
 
-Sparsifier = Callable[[Tensor, float, "torch.Generator | None"], Tensor]
+RescaleMode = Literal["l1", "inverse_density"] | None
+
+
+class Pruned(NamedTuple):
+    """A sparsified task vector and the probability (or fraction) its kept entries had."""
+
+    values: Tensor
+    keep: Tensor | float
+
+
+Sparsifier = Callable[[Tensor, Mapping[str, Any], "torch.Generator | None"], Pruned]
+
+
+# --- masks ----------------------------------------------------------------------------------
 
 
 def magnitude_mask(d: Tensor, density: float) -> Tensor:
@@ -47,28 +101,170 @@ def magnitude_mask(d: Tensor, density: float) -> Tensor:
     return mask.reshape(d.shape)
 
 
+def threshold_mask(d: Tensor, threshold: float, equal: int) -> Tensor:
+    """Bool mask of ``|d| > threshold`` plus the first ``equal`` entries (flattened order) with
+    ``|d| == threshold``: the per-tensor share of a whole-model top-k (``merge.globaltrim``)."""
+    mags = d.abs()
+    mask = mags > threshold
+    if equal > 0:
+        ties = (mags == threshold).reshape(-1)
+        ties &= ties.cumsum(0) <= equal
+        mask |= ties.reshape(d.shape)
+    return mask
+
+
 def bernoulli_mask(d: Tensor, density: float, rng: torch.Generator | None) -> Tensor:
     """Bool mask keeping each entry with probability ``density`` (drawn from ``rng`` only)."""
     if density >= 1:
         return torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    return _draw(d, rng, "bernoulli") < density
+
+
+def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(top, keep)``: drop the ``top`` largest, keep the next ``keep`` (METHODS.md)."""
+    keep = min(int(density * n), n)
+    top = int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:  # not enough left below the top: drop fewer from the top
+        top += bottom
+    return top, keep
+
+
+def band_mask(d: Tensor, density: float, gamma: float) -> Tensor:
+    """Bool mask of the entries ranked ``[top, top + keep)`` by ``|d|`` from the largest
+    (``band_counts``): exactly ``keep`` entries, ties broken by ``torch.topk``."""
+    n = d.numel()
+    top, keep = band_counts(n, density, gamma)
+    mask = torch.zeros(n, dtype=torch.bool, device=d.device)
+    if keep == 0:
+        return mask.reshape(d.shape)
+    mags = d.reshape(-1).abs()
+    if top + keep < n:
+        candidates = torch.topk(mags, top + keep, sorted=False).indices
+    else:
+        candidates = torch.arange(n, device=d.device)
+    if top > 0:
+        chosen = torch.ones(candidates.numel(), dtype=torch.bool, device=d.device)
+        chosen[torch.topk(mags[candidates], top, sorted=False).indices] = False
+        candidates = candidates[chosen]
+    mask[candidates] = True
+    return mask.reshape(d.shape)
+
+
+def della_bounds_problem(density: float, epsilon: float, where: str = "") -> str | None:
+    """Why ``(density, epsilon)`` cannot be used by della, or ``None`` (``where``, e.g.
+    ``" for model 'x'"``, goes into the message). ``density >= 1`` keeps everything."""
+    if density >= 1 or (density - epsilon > 0 and density + epsilon < 1):
+        return None
+    return (
+        f"density +/- epsilon must be in (0, 1){where}, got density {density:g} and epsilon "
+        f"{epsilon:g} (use epsilon < {min(density, 1 - density):g})"
+    )
+
+
+def rank_keep_probability(d: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's ``p = density - epsilon + 2 * epsilon * rank`` with ``rank`` the normalised
+    ascending rank of ``|d|`` in its row (module docstring). A fresh float32 tensor."""
+    problem = della_bounds_problem(density, epsilon)
+    if problem:
+        raise ValueError(problem)
+    n = d.shape[-1] if d.dim() > 1 else d.numel()
+    rows = d.reshape(-1, n)
+    rank = torch.empty(rows.shape, dtype=torch.float32, device=d.device)
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    steps = torch.arange(n, dtype=torch.float32, device=d.device).expand(rows.shape)
+    rank.scatter_(-1, order, steps)
+    del order
+    if n > 1:
+        rank.div_(n - 1)
+    else:
+        rank.fill_(0.5)
+    return rank.mul_(2 * epsilon).add_(density - epsilon).reshape(d.shape)
+
+
+def _draw(d: Tensor, rng: torch.Generator | None, what: str) -> Tensor:
     if rng is None:
-        raise ValueError("bernoulli sparsification needs a seeded torch.Generator, got None")
+        raise ValueError(f"{what} sparsification needs a seeded torch.Generator, got None")
     draw = torch.rand(d.shape, generator=rng, dtype=torch.float32, device=rng.device)
-    return (draw < density).to(d.device)
+    return draw.to(d.device)
 
 
-def magnitude(d: Tensor, density: float, rng: torch.Generator | None = None) -> Tensor:
-    """``e = d * magnitude_mask(d, density)``; ``rng`` is unused."""
+# --- sparsifiers ----------------------------------------------------------------------------
+
+
+def _density(opts: Mapping[str, Any]) -> float:
+    return float(opts.get("density", 1.0))
+
+
+def _kept_fraction(n: int, density: float) -> float:
+    return min(int(density * n), n) / n
+
+
+def _masked(d: Tensor, mask: Tensor, keep: Tensor | float) -> Pruned:
+    return Pruned(d * mask, keep)
+
+
+def magnitude(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None = None) -> Pruned:
+    """Keep exactly ``int(density * n)`` largest ``|d|``; ``rng`` is unused. With the options
+    ``trim_threshold``/``trim_equal`` (``trim: global``), keep this tensor's share of the
+    whole-model top-k instead (``threshold_mask``)."""
+    density = _density(opts)
+    if "trim_threshold" in opts:
+        mask = threshold_mask(d, float(opts["trim_threshold"]), int(opts["trim_equal"]))
+        return _masked(d, mask, density)
+    if density >= 1 or d.numel() == 0:
+        return Pruned(d, 1.0)
+    return _masked(d, magnitude_mask(d, density), _kept_fraction(d.numel(), density))
+
+
+def bernoulli(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None) -> Pruned:
+    """Keep each entry with probability ``density``."""
+    density = _density(opts)
     if density >= 1:
-        return d
-    return d * magnitude_mask(d, density)
+        return Pruned(d, 1.0)
+    return _masked(d, bernoulli_mask(d, density, rng), density)
 
 
-def bernoulli(d: Tensor, density: float, rng: torch.Generator | None) -> Tensor:
-    """``e = d * bernoulli_mask(d, density, rng)``."""
-    if density >= 1:
-        return d
-    return d * bernoulli_mask(d, density, rng)
+def breadcrumbs(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None = None) -> Pruned:
+    """Drop the ``int(gamma * n)`` largest and the smallest ``|d|``, keep ``int(density * n)``;
+    ``rng`` is unused."""
+    density = _density(opts)
+    if density >= 1 or d.numel() == 0:
+        return Pruned(d, 1.0)
+    mask = band_mask(d, density, float(opts.get("gamma", 0.0)))
+    return _masked(d, mask, _kept_fraction(d.numel(), density))
+
+
+def della(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None) -> Pruned:
+    """Keep each entry with its rank-based probability ``p`` (``rank_keep_probability``)."""
+    density = _density(opts)
+    if density >= 1 or d.numel() == 0:
+        return Pruned(d, 1.0)
+    p = rank_keep_probability(d, density, float(opts.get("epsilon", 0.0)))
+    mask = _draw(d, rng, "della") < p
+    return _masked(d, mask, p)
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {
+    "magnitude": magnitude,
+    "bernoulli": bernoulli,
+    "breadcrumbs": breadcrumbs,
+    "della": della,
+}
+
+
+# --- rescale --------------------------------------------------------------------------------
+
+
+def rescale_mode(value: bool | str) -> RescaleMode:
+    """The ``rescale`` parameter as a mode: true/"l1" -> "l1", false -> None."""
+    if value is True or value == "l1":
+        return "l1"
+    if value == "inverse_density":
+        return "inverse_density"
+    if value is False:
+        return None
+    raise ValueError(f"rescale must be true, false, 'l1' or 'inverse_density', got {value!r}")
 
 
 def l1_rescale(e: Tensor, d: Tensor) -> Tensor:
@@ -79,4 +275,14 @@ def l1_rescale(e: Tensor, d: Tensor) -> Tensor:
     return e * (d.abs().sum() / kept)
 
 
-SPARSIFIERS: dict[str, Sparsifier] = {"magnitude": magnitude, "bernoulli": bernoulli}
+def rescale(pruned: Pruned, d: Tensor, mode: RescaleMode) -> Tensor:
+    """Apply the ``rescale`` mode to a sparsifier's result (``d``: the unpruned vector).
+    Nothing dropped (``keep`` 1) means nothing to restore."""
+    e, keep = pruned
+    if mode is None or (isinstance(keep, float) and keep >= 1):
+        return e
+    if mode == "l1":
+        return l1_rescale(e, d)
+    if isinstance(keep, float):
+        return e if keep <= 0 else e / keep
+    return e / keep  # zeros stay zeros: every p > 0

@@ -1,29 +1,34 @@
-"""The task-vector family: task_arithmetic, ties, dare_linear, dare_ties.
+"""The task-vector family's functions: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
 
 Every method here is the same four named steps, differing only in which sparsifier runs and
 whether sign consensus is on (no method has its own copy of the pipeline):
 
     d_i = x_i - b                                  weighted_task_vectors
-    e_i = sparsify(d_i, density_i)                 (then l1_rescale if rescale)
+    e_i = rescale(sparsify(d_i, opts_i))           (sparsify.py: the sparsifiers, rescale)
     o_i = w_i e_i
     s   = sign(sum_i o_i), 0 counted as +          elect_signs
     m_i = [sign(o_i) == s]  (zeros never agree)    disjoint_merge (m_i = 1 without consensus:
     out = b + lambda * sum_i m_i o_i / D           linear_merge)
 
 with ``D = sum_i m_i w_i`` (elementwise; 0 replaced by 1) when ``normalize`` is true, else 1.
+``opts_i`` is model i's per-model parameters (``density``, ``gamma``, ``epsilon``).
 
-=============== ============ ============== ======================================
-method          sparsifier   consensus      defaults
-=============== ============ ============== ======================================
-task_arithmetic none         no             normalize false
-ties            magnitude    yes            normalize true, rescale false
-dare_linear     bernoulli    no             normalize false, rescale true
-dare_ties       bernoulli    yes            normalize false, rescale true
-=============== ============ ============== ======================================
+================ ============ ========= =================================================
+method           sparsifier   consensus defaults
+================ ============ ========= =================================================
+task_arithmetic  none         no        normalize false
+ties             magnitude    yes       normalize true, rescale false
+dare_linear      bernoulli    no        normalize false, rescale true
+dare_ties        bernoulli    yes       normalize false, rescale true
+breadcrumbs      breadcrumbs  no        normalize false, rescale false, gamma 0.01
+breadcrumbs_ties breadcrumbs  yes       normalize false, rescale false, gamma 0.01
+della_linear     della        no        normalize false, rescale true, epsilon 0.15
+della            della        yes       normalize true, rescale true, epsilon 0.15
+================ ============ ========= =================================================
 
 ``int8_mask`` is accepted for mergekit compatibility; it only ever saved memory, and here the
 sign masks are transient booleans, so there is nothing left for it to save: results are
-identical either way.
+identical either way. The ``Method`` declarations live in ``task_family.py``.
 """
 
 from __future__ import annotations
@@ -33,23 +38,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.methods.base import Method, Param
-from merge.methods.sparsify import Sparsifier, bernoulli, l1_rescale, magnitude
+from merge.methods import sparsify
+from merge.methods.sparsify import Sparsifier
 
 __all__ = [
-    "DARE_LINEAR",
-    "DARE_TIES",
-    "TASK_ARITHMETIC",
-    "TIES",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
     "disjoint_merge",
     "elect_signs",
     "linear_merge",
-    "dare_linear",
-    "dare_ties",
     "merge_task_vectors",
+    "per_model",
     "task_arithmetic",
-    "weighted_task_vectors",
     "ties",
+    "weighted_task_vectors",
 ]
 
 
@@ -59,27 +65,29 @@ __all__ = [
 # their own, so they are updated in place; inputs are never touched).
 
 
+def per_model(params: dict[str, Any], i: int) -> dict[str, Any]:
+    """Model ``i``'s values of the per-model (list-valued) parameters."""
+    return {name: value[i] for name, value in params.items() if isinstance(value, list)}
+
+
 def weighted_task_vectors(
     tensors: list[Tensor],
     base: Tensor,
-    weights: list[float],
-    densities: list[float] | None,
+    params: dict[str, Any],
     sparsifier: Sparsifier | None,
     rng: torch.Generator | None,
-    rescale: bool,
 ) -> list[Tensor]:
-    """``o_i = w_i e_i`` with ``d_i = x_i - b``, ``e_i = sparsify(d_i, density_i)`` (then
-    ``e_i * |d_i|_1 / |e_i|_1`` if ``rescale``), in model order so random draws reproduce."""
+    """``o_i = w_i e_i`` with ``d_i = x_i - b`` and ``e_i`` = ``d_i`` sparsified with model
+    i's options, then rescaled (``params["rescale"]``); in model order so draws reproduce."""
+    mode = sparsify.rescale_mode(params.get("rescale", False))
     out = []
-    for i, (x, w) in enumerate(zip(tensors, weights, strict=True)):
+    for i, x in enumerate(tensors):
         d = x - base
         e = d
-        if sparsifier is not None and densities is not None:
-            e = sparsifier(d, float(densities[i]), rng)
-            if rescale:
-                e = l1_rescale(e, d)
+        if sparsifier is not None:
+            e = sparsify.rescale(sparsifier(d, per_model(params, i), rng), d, mode)
         del d
-        out.append(e.mul_(float(w)))  # e is a fresh temporary of ours
+        out.append(e.mul_(float(params["weight"][i])))  # e is a fresh temporary of ours
     return out
 
 
@@ -138,15 +146,7 @@ def merge_task_vectors(
     if base is None:
         raise ValueError("task-vector methods need a base tensor, got None")
     weights = params["weight"]
-    weighted = weighted_task_vectors(
-        tensors,
-        base,
-        weights,
-        params.get("density"),
-        sparsifier,
-        rng,
-        bool(params.get("rescale", False)),
-    )
+    weighted = weighted_task_vectors(tensors, base, params, sparsifier, rng)
     if consensus:
         combined = disjoint_merge(weighted, weights, elect_signs(weighted), params["normalize"])
     else:
@@ -165,87 +165,61 @@ def task_arithmetic(
 def ties(
     tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
 ) -> Tensor:
-    """Magnitude top-k per model, then sign consensus and disjoint (normalized) merge."""
-    return merge_task_vectors(tensors, base, params, rng, sparsifier=magnitude, consensus=True)
+    """Magnitude top-k per model (per tensor, or over the whole model with ``trim: global``:
+    the executor then adds each model's ``trim_threshold``/``trim_equal``), then sign consensus
+    and disjoint (normalized) merge."""
+    if params.get("trim") == "global" and "trim_threshold" not in params:
+        raise ValueError("ties with trim: global needs the thresholds of merge.globaltrim")
+    return merge_task_vectors(
+        tensors, base, params, rng, sparsifier=sparsify.magnitude, consensus=True
+    )
 
 
 def dare_linear(
     tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any
 ) -> Tensor:
-    """Bernoulli(density) keep mask per model, L1 rescale: ``b + lambda sum w_i e_i``."""
-    return merge_task_vectors(tensors, base, params, rng, sparsifier=bernoulli, consensus=False)
+    """Bernoulli(density) keep mask per model, rescale: ``b + lambda sum w_i e_i``."""
+    return merge_task_vectors(
+        tensors, base, params, rng, sparsifier=sparsify.bernoulli, consensus=False
+    )
 
 
 def dare_ties(
     tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any
 ) -> Tensor:
-    """Bernoulli(density) keep mask per model, L1 rescale, then TIES sign consensus."""
-    return merge_task_vectors(tensors, base, params, rng, sparsifier=bernoulli, consensus=True)
+    """Bernoulli(density) keep mask per model, rescale, then TIES sign consensus."""
+    return merge_task_vectors(
+        tensors, base, params, rng, sparsifier=sparsify.bernoulli, consensus=True
+    )
 
 
-# --- declarations ---------------------------------------------------------------------------
-
-_WEIGHT = Param("weight", True, float, help="scale of this model's task vector")
-_DENSITY = Param(
-    "density", True, float, 1.0, low=0, high=1, low_open=True, help="fraction of entries kept"
-)
-_LAMBDA = Param("lambda", False, float, 1.0, help="scale of the merged task vector")
-_INT8 = Param("int8_mask", False, bool, False, help="store sign masks as int8 (memory only)")
-
-
-def _normalize(default: bool) -> Param:
-    return Param("normalize", False, bool, default, help="divide by the sum of (agreeing) weights")
+def breadcrumbs(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+) -> Tensor:
+    """Drop each task vector's largest (gamma) and smallest entries, add the weighted sum."""
+    return merge_task_vectors(
+        tensors, base, params, rng, sparsifier=sparsify.breadcrumbs, consensus=False
+    )
 
 
-def _rescale(default: bool) -> Param:
-    return Param("rescale", False, bool, default, help="restore each pruned vector's L1 norm")
+def breadcrumbs_ties(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+) -> Tensor:
+    """Breadcrumbs' band of magnitudes per model, then TIES sign consensus."""
+    return merge_task_vectors(
+        tensors, base, params, rng, sparsifier=sparsify.breadcrumbs, consensus=True
+    )
 
 
-_SPARSE = (_WEIGHT, _DENSITY)
+def della_linear(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any
+) -> Tensor:
+    """Keep entries with rank-based probabilities (MagPrune), rescale, add the weighted sum."""
+    return merge_task_vectors(
+        tensors, base, params, rng, sparsifier=sparsify.della, consensus=False
+    )
 
-TASK_ARITHMETIC = Method(
-    name="task_arithmetic",
-    fn=task_arithmetic,
-    params=(_WEIGHT, _normalize(False), _LAMBDA),
-    base="required",
-    min_models=1,
-    max_models=None,
-    paper="https://arxiv.org/abs/2212.04089",
-    description="add weighted task vectors (model - base) to the base",
-    workspace=(1.0, 1.0),
-)
-TIES = Method(
-    name="ties",
-    fn=ties,
-    params=(*_SPARSE, _normalize(True), _LAMBDA, _INT8, _rescale(False)),
-    base="required",
-    min_models=1,
-    max_models=None,
-    paper="https://arxiv.org/abs/2306.01708",
-    description="trim task vectors to their largest entries, elect signs, merge the agreeing ones",
-    workspace=(1.0, 6.0),
-)
-DARE_LINEAR = Method(
-    name="dare_linear",
-    fn=dare_linear,
-    params=(*_SPARSE, _normalize(False), _rescale(True), _LAMBDA, _INT8),
-    base="required",
-    min_models=1,
-    max_models=None,
-    paper="https://arxiv.org/abs/2311.03099",
-    description="randomly drop task-vector entries, rescale, add the weighted sum to the base",
-    random=True,
-    workspace=(1.0, 2.5),
-)
-DARE_TIES = Method(
-    name="dare_ties",
-    fn=dare_ties,
-    params=(*_SPARSE, _normalize(False), _rescale(True), _LAMBDA, _INT8),
-    base="required",
-    min_models=1,
-    max_models=None,
-    paper="https://arxiv.org/abs/2311.03099",
-    description="randomly drop task-vector entries, rescale, elect signs, merge the agreeing ones",
-    random=True,
-    workspace=(1.0, 2.5),
-)
+
+def della(tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any) -> Tensor:
+    """MagPrune keep mask per model, rescale, then TIES sign consensus."""
+    return merge_task_vectors(tensors, base, params, rng, sparsifier=sparsify.della, consensus=True)

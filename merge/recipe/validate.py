@@ -232,7 +232,8 @@ def _check_inputs(
     n, lo, hi = len(inputs), method.min_models, method.max_models
     if n < lo or (hi is not None and n > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        besides = " besides the base model" if method.base in ("required", "optional") else ""
+        separate = method.base == "required" or (method.base == "optional" and base)
+        besides = " besides the base model" if separate else ""
         problems.append(loc.error(at, f"{method.name} takes {want} model(s){besides}, got {n}"))
     _check_required(method, inputs, outer, at, base, loc, problems)
 

@@ -1,0 +1,247 @@
+"""Task-vector merges whose coefficients come from the task vectors: model_stock, sce, ram.
+
+With ``d_i = x_i - b`` (``N`` models besides the base ``b``):
+
+- model_stock (https://arxiv.org/abs/2403.19522): ``cos`` = the mean pairwise cosine of the
+  ``d_i`` (norm products clamped to >= 1e-6, each cosine to [-1, 1]), over the whole tensor or,
+  with ``filter_wise``, per vector along the last dim (a 1-D tensor is one vector);
+  ``t = N cos / (1 + (N-1) cos)`` and ``out = t mean(x_i) + (1 - t) b``. The mean pairwise
+  cosine of N vectors is >= -1/(N-1), so the denominator is >= 0 and is 0 only when the unit
+  task vectors sum to 0. **Fix:** mergekit divides anyway (inf/NaN); here ``t = 0`` (the base)
+  wherever the denominator is <= 1e-6. Zero task vectors have cosine 0 with everything.
+- sce (FuseChat, https://arxiv.org/abs/2408.07990): if ``select_topk < 1``, keep only the
+  ``int(select_topk * count)`` positions of highest variance across models (population variance;
+  ``count`` = positions with nonzero variance; none kept if that rounds to 0, as in mergekit;
+  ties at the cut go to the lowest positions, where mergekit's ``topk`` picks any);
+  ``a_i = mean(d_i^2) / sum_j mean(d_j^2)`` (uniform if all are 0); TIES sign election on the
+  sum of the ``d_i`` (0 counts as +), ``m_i = [sign(d_i) == s]``;
+  ``out = b + sum a_i m_i d_i / max(sum a_i m_i, 1e-6)``.
+- ram (https://arxiv.org/abs/2601.13572): entry active for model i if ``|d_i| > epsilon``;
+  ``c`` = number of active models; ``out = b + sum_i d_i [active] / max(c, 1)`` (an entry
+  changed by one model takes its change; by several, their mean; by none, the base).
+
+All three work model by model on temporaries of their own; inputs are never modified.
+``workspace`` is measured (peak RSS over the inputs, 4M-entry tensors, 2 and 6 models):
+model_stock recomputes task vectors per pair (two at a time), ram keeps a sum and a uint8
+count, sce holds every task vector plus its accumulators and the variance selection.
+What this does not do: weights (none of these methods takes per-model parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from merge.methods.base import Method, Param
+from merge.methods.task_arithmetic import elect_signs
+
+__all__ = ["MODEL_STOCK", "RAM", "SCE", "model_stock", "ram", "sce", "variance_mask"]
+
+STOCK_NORM_FLOOR = 1e-6
+STOCK_DENOM_EPS = 1e-6
+SCE_DIVISOR_FLOOR = 1e-6
+
+
+def _need_base(name: str, base: Tensor | None) -> Tensor:
+    if base is None:
+        raise ValueError(f"{name} needs a base tensor, got None")
+    return base
+
+
+# --- model_stock ------------------------------------------------------------------------------
+
+
+def _stock_rows(x: Tensor, filter_wise: bool) -> Tensor:
+    """One row per vector the cosine is taken over: the whole tensor, or along the last dim."""
+    if filter_wise and x.dim() >= 2:
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(1, -1)
+
+
+def _mean_pairwise_cos(tensors: list[Tensor], b_rows: Tensor, filter_wise: bool) -> Tensor:
+    """Per row: the mean over pairs i < j of ``d_i.d_j / max(|d_i||d_j|, 1e-6)`` in [-1, 1].
+
+    Task vectors are recomputed per pair rather than all held: two at a time in memory."""
+
+    def delta(i: int) -> Tensor:
+        return _stock_rows(tensors[i], filter_wise) - b_rows
+
+    n = len(tensors)
+    norms = [torch.linalg.vector_norm(delta(i), dim=-1) for i in range(n)]
+    total = torch.zeros_like(norms[0])
+    for i in range(n):
+        d_i = delta(i)
+        for j in range(i + 1, n):
+            dot = torch.einsum("ij,ij->i", d_i, delta(j))
+            total.add_((dot / (norms[i] * norms[j]).clamp_(min=STOCK_NORM_FLOOR)).clamp_(-1, 1))
+    return total.div_(n * (n - 1) // 2)
+
+
+def model_stock(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+) -> Tensor:
+    """``t mean(x_i) + (1 - t) b`` with ``t`` from the mean pairwise cosine of the task vectors."""
+    b = _need_base("model_stock", base)
+    n = len(tensors)
+    if n < 2:
+        raise ValueError(f"model_stock needs at least two tensors besides the base, got {n}")
+    filter_wise = bool(params["filter_wise"])
+    b_rows = _stock_rows(b, filter_wise)
+    cos = _mean_pairwise_cos(tensors, b_rows, filter_wise)
+    denom = 1 + (n - 1) * cos
+    ok = denom > STOCK_DENOM_EPS
+    t = torch.where(ok, n * cos / torch.where(ok, denom, 1.0), 0.0).unsqueeze(-1)
+    out = torch.zeros_like(b_rows)
+    for x in tensors:
+        out.add_(_stock_rows(x, filter_wise))
+    out.mul_(t / n).addcmul_(b_rows, 1 - t)
+    return out.reshape(b.shape)
+
+
+# --- sce --------------------------------------------------------------------------------------
+
+
+def variance_mask(deltas: list[Tensor], fraction: float) -> Tensor:
+    """True at the ``int(fraction * count)`` positions of highest variance across ``deltas``
+    (population variance; ``count`` = positions whose variance is not 0).
+
+    The variance is taken of ``d_i - d_0`` (the same value, numerically safer), so positions
+    where every model agrees exactly have variance exactly 0."""
+    n = len(deltas)
+    mean = torch.zeros_like(deltas[0])
+    for d in deltas[1:]:
+        mean.add_(d - deltas[0])
+    mean.div_(n)
+    var = mean.square()  # the i = 0 term: (0 - mean)^2
+    for d in deltas[1:]:
+        var.add_((d - deltas[0]).sub_(mean).square_())
+    del mean
+    var = var.div_(n).reshape(-1)
+    k = int(fraction * int(torch.count_nonzero(var)))
+    return _top_k_mask(var, k).reshape(deltas[0].shape)
+
+
+def _top_k_mask(values: Tensor, k: int) -> Tensor:
+    """True at ``k`` positions of largest (non-negative) ``values``; ties at the cut go to the
+    lowest indices. Uses ``kthvalue`` (about 3 buffers), not ``topk`` (up to 7)."""
+    if k <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
+    cut = float(torch.kthvalue(values, values.numel() - k + 1).values)
+    mask = values > cut
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[torch.nonzero(values == cut).reshape(-1)[:missing]] = True
+    return mask
+
+
+def sce(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+) -> Tensor:
+    """Select (variance top-k), calculate (mean-square weights), erase (sign consensus)."""
+    b = _need_base("sce", base)
+    deltas = [x - b for x in tensors]
+    topk = float(params["select_topk"])
+    if topk < 1:
+        keep = variance_mask(deltas, topk)
+        for d in deltas:
+            d.mul_(keep)
+        del keep
+    energy = [float(d.square().mean()) if d.numel() else 0.0 for d in deltas]
+    total = sum(energy)
+    coefs = [e / total for e in energy] if total > 0 else [1.0 / len(deltas)] * len(deltas)
+    positive = elect_signs(deltas)
+    merged = torch.zeros_like(b)
+    divisor = torch.zeros_like(b)
+    for d, a in zip(deltas, coefs, strict=True):
+        agree = torch.where(positive, d > 0, d < 0)
+        merged.add_(d.mul_(agree), alpha=a)
+        divisor.add_(agree, alpha=a)
+    del deltas, positive
+    return merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR)).add_(b)
+
+
+# --- ram --------------------------------------------------------------------------------------
+
+
+def ram(
+    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+) -> Tensor:
+    """Each entry: the mean of the task vectors that changed it by more than ``epsilon``."""
+    b = _need_base("ram", base)
+    epsilon = float(params["epsilon"])
+    merged = torch.zeros_like(b)
+    count = torch.zeros(b.shape, dtype=torch.uint8 if len(tensors) < 256 else torch.int32)
+    for x in tensors:
+        d = x - b
+        active = d.gt(epsilon).logical_or_(d.lt(-epsilon))  # |d| > epsilon, no float temporary
+        merged.add_(d.masked_fill_(active.logical_not(), 0.0))
+        count.add_(active)
+        del d, active
+    return merged.div_(count.clamp_(min=1)).add_(b)
+
+
+MODEL_STOCK = Method(
+    name="model_stock",
+    fn=model_stock,
+    params=(
+        Param(
+            "filter_wise",
+            False,
+            bool,
+            False,
+            help="one interpolation factor per vector along the last dim, not per tensor",
+        ),
+    ),
+    base="required",
+    min_models=2,
+    max_models=None,
+    paper="https://arxiv.org/abs/2403.19522",
+    description="move from the base towards the models' average by an angle-derived factor",
+    workspace=(0.0, 2.0),
+    fixes="where the task vectors' unit directions cancel (1 + (N-1) cos ~ 0) mergekit divides "
+    "by ~0; here the base is kept",
+)
+SCE = Method(
+    name="sce",
+    fn=sce,
+    params=(
+        Param(
+            "select_topk",
+            False,
+            float,
+            1.0,
+            low=0,
+            high=1,
+            low_open=True,
+            help="fraction of positions kept, by variance across models",
+        ),
+    ),
+    base="required",
+    min_models=1,
+    max_models=None,
+    paper="https://arxiv.org/abs/2408.07990",
+    description="select high-variance positions, weight models by energy, erase minority signs",
+    workspace=(1.0, 4.0),
+)
+RAM = Method(
+    name="ram",
+    fn=ram,
+    params=(
+        Param(
+            "epsilon",
+            False,
+            float,
+            1e-5,
+            low=0,
+            help="a task-vector entry counts as a change above this magnitude",
+        ),
+    ),
+    base="required",
+    min_models=1,
+    max_models=None,
+    paper="https://arxiv.org/abs/2601.13572",
+    description="add each entry's mean change over the models that changed it",
+    workspace=(0.0, 3.0),
+)
