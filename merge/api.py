@@ -73,19 +73,36 @@ def _revision(directory: Path) -> str | None:
     return directory.name if directory.parent.name == "snapshots" else None
 
 
+def _resolved(ref: str, directory: Path, adapter: Path | None) -> str:
+    """``ref (revision abc…)``, with the adapter's revision too for ``base+adapter``."""
+    revs = [f"revision {r}" for r in (_revision(directory),) if r]
+    if adapter is not None and (rev := _revision(adapter)):
+        revs.append(f"adapter revision {rev}")
+    return f"{ref} ({', '.join(revs)})" if revs else ref
+
+
+def _generation_config(p: Plan) -> Path | None:
+    """generation_config.json of the config donor, else of the tokenizer donor, else of the
+    first model (recipe order) that has one: always carried, whatever the tokenizer path."""
+    for ref in dict.fromkeys([p.donor, p.tokenizer_donor, *p.models]):
+        path = p.models[ref].directory / "generation_config.json"
+        if path.is_file():
+            return path
+    return None
+
+
 def write_extras(p: Plan, out: Path) -> None:
     """config.json, generation_config.json, tokenizer, the recipe and the model card."""
     (out / "config.json").write_text(json.dumps(p.config, indent=2) + "\n", encoding="utf-8")
-    gen = p.models[p.donor].directory / "generation_config.json"
-    if gen.is_file():
+    gen = _generation_config(p)
+    if gen is not None:
         (out / "generation_config.json").write_bytes(gen.read_bytes())
     template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
-    write_tokenizer(p.models[p.tokenizer_donor].directory, out, template)
+    built = p.vocab.tokenizer if p.vocab else None
+    added = p.vocab.added if p.vocab else []
+    write_tokenizer(p.models[p.tokenizer_donor].directory, out, template, built, added)
     (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
-    inputs = [
-        f"{ref} (revision {rev})" if (rev := _revision(m.directory)) else ref
-        for ref, m in p.models.items()
-    ]
+    inputs = [_resolved(ref, m.directory, m.adapter) for ref, m in p.models.items()]
     card = model_card(
         recipe_text=p.recipe.text,
         method_name=p.method.name,

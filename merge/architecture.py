@@ -104,9 +104,13 @@ def tied_partner(name: str, available: Iterable[str]) -> str | None:
 
 
 def output_config(
-    donor: dict[str, Any], dtype: str, layer_map: Sequence[int] | None
+    donor: dict[str, Any],
+    dtype: str,
+    layer_map: Sequence[int] | None,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
-    """The donor's config with the output dtype and, for frankenmerges, the new layer stack.
+    """The donor's config with the output dtype, the output ``vocab_size`` (when a tokenizer
+    setting changed it) and, for frankenmerges, the new layer stack.
 
     ``layer_map[i]`` is the donor layer that output layer ``i`` copies its per-layer config
     entries (such as ``layer_types``) from.
@@ -115,6 +119,9 @@ def output_config(
     cfg["dtype"] = dtype
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype
+    if vocab_size is not None:
+        target = cfg if "vocab_size" in cfg else _text_config(cfg)
+        target["vocab_size"] = vocab_size
     if layer_map is None:
         return cfg
     target = cfg if any(k in cfg for k in LAYER_COUNT_KEYS) else _text_config(cfg)

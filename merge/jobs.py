@@ -18,6 +18,7 @@ from merge.writer import ShardPlan
 if TYPE_CHECKING:  # pragma: no cover
     from merge.recipe import Recipe
     from merge.sourceset import Model
+    from merge.vocab import Alignment, VocabPlan
 
 DEFAULT_SEED = 20240101
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -31,9 +32,20 @@ class Input:
     name: str
 
 
+@dataclass(frozen=True)
+class VocabAlign:
+    """A vocabulary tensor (embeddings, lm_head): before the method runs, every input (and
+    the base) is moved into the output vocabulary's rows by ``alignment``. ``extra``: tensors
+    read only for rows an override takes from a model that is not an input of the job."""
+
+    alignment: Alignment
+    extra: tuple[Input, ...] = ()
+
+
 @dataclass
 class TensorJob:
-    """How one output tensor is made."""
+    """How one output tensor is made (``inputs`` keep their own shapes when ``vocab`` is
+    set; ``shape`` is the output's)."""
 
     name: str
     shape: tuple[int, ...]
@@ -43,6 +55,7 @@ class TensorJob:
     params: dict[str, Any]
     layer: int | None
     copy: bool = False
+    vocab: VocabAlign | None = None
 
     @property
     def numel(self) -> int:
@@ -68,6 +81,7 @@ class Plan:
     seed: int
     peak_bytes: int
     warnings: list[str] = field(default_factory=list)
+    vocab: VocabPlan | None = None
 
 
 def tensor_seed(seed: int, name: str) -> int:

@@ -25,6 +25,15 @@ from merge.recipe import Recipe, SliceSpec, Source, lookup
 from merge.recipe.model import Params
 from merge.recipe.validate import method_inputs
 from merge.sourceset import Model
+from merge.vocab import (
+    VocabPlan,
+    align_job,
+    build_vocab,
+    has_setting,
+    model_rows,
+    size_mismatch,
+    vocab_tensor,
+)
 from merge.writer import TensorSpec, plan_shards
 
 MAX_LISTED = 25
@@ -37,6 +46,8 @@ class _Ctx:
     recipe: Recipe
     models: dict[str, Model]
     problems: list[str] = field(default_factory=list)
+    vocab: VocabPlan | None = None
+    tokenizer_setting: bool = False
 
     def has(self, ref: str, name: str) -> str | None:
         """The tensor name that stands for ``name`` in model ``ref`` (tied lm_head aware)."""
@@ -85,6 +96,10 @@ def _params(
             "divide by them; change a weight or set normalize: false"
         )
         ok = False
+    if ok and method.check is not None:
+        for problem in method.check(values, [s.model for s in inputs]):
+            ctx.problems.append(f"tensor '{out_name}': {problem}")
+            ok = False
     return values if ok else None
 
 
@@ -107,6 +122,7 @@ def _job(
     shape = tuple(info.shape)
     if not info.dtype.is_floating_point:
         return TensorJob(out_name, shape, info.dtype, (ref,), None, {}, layer, copy=True)
+    vocab = ctx.vocab is not None and vocab_tensor(out_name, shape, _rows(ctx, ref.model))
     reads: list[Input] = []
     for src, name in [*inputs, *([base] if base else [])]:
         found = ctx.has(src.model, name)
@@ -117,8 +133,15 @@ def _job(
             )
             continue
         other = tuple(ctx.models[src.model].checkpoint.tensors[found].shape)
-        if other != shape:
-            ctx.problems.append(_shape_problem(out_name, ref, shape, src.model, found, other))
+        want = (_rows(ctx, src.model), *shape[1:]) if vocab else shape
+        if other != want:
+            vocabs = vocab_tensor(out_name, shape, _rows(ctx, ref.model)) and vocab_tensor(
+                out_name, other, _rows(ctx, src.model)
+            )
+            if not (vocabs and other[1:] == shape[1:]):
+                ctx.problems.append(_shape_problem(ref, shape, src.model, found, other))
+            elif not ctx.tokenizer_setting:  # with one, the tokenizer problems explain it
+                ctx.problems.append(size_mismatch(ctx.models))
             continue
         reads.append(Input(src.model, found))
     if len(reads) != len(inputs) + (1 if base else 0):
@@ -127,22 +150,29 @@ def _job(
     if params is None:
         return None
     base_in = reads.pop() if base else None
-    return TensorJob(out_name, shape, info.dtype, tuple(reads), base_in, params, layer)
+    job = TensorJob(out_name, shape, info.dtype, tuple(reads), base_in, params, layer)
+    if not vocab or ctx.vocab is None:
+        return job
+    fill_base = base[0].model if base else ctx.recipe.base_model
+    return align_job(ctx.vocab, job, fill_base, ctx.models, ctx.has, ctx.problems)
 
 
 def _shape_problem(
-    out: str, ref: Input, shape: tuple[int, ...], model: str, name: str, other: tuple[int, ...]
+    ref: Input, shape: tuple[int, ...], model: str, name: str, other: tuple[int, ...]
 ) -> str:
-    msg = (
+    return (
         f"tensor '{name}': shape {list(other)} in model '{model}' does not match "
         f"{list(shape)} in model '{ref.model}'"
     )
-    if not arch.layer_of(out) and other[1:] == shape[1:] and other[:1] != shape[:1]:
-        msg += (
-            f" (the vocabularies differ: {shape[0]} vs {other[0]} rows; merging models "
-            "with different tokenizers needs tokenizer_source: union, not yet supported)"
-        )
-    return msg
+
+
+def _rows(ctx: _Ctx, model: str) -> int | None:
+    """``model``'s vocabulary size (embedding rows)."""
+    if ctx.vocab is not None:
+        found = ctx.vocab.models.get(model)
+        return found.rows if found else None
+    ckpt = ctx.models[model].checkpoint
+    return model_rows(ckpt.config, ckpt.tensors)
 
 
 def _split(
@@ -160,7 +190,7 @@ def _models_jobs(ctx: _Ctx) -> tuple[list[TensorJob], str]:
     recipe = ctx.recipe
     sources = recipe.models or ()
     inputs, base = _split(recipe.method, sources, recipe.base_model)
-    donor = recipe.base_model or sources[0].model
+    donor = _config_donor(recipe)
     ckpt = ctx.models[donor].checkpoint
     num_layers = ckpt.layer_count
     jobs = []
@@ -267,9 +297,16 @@ def _slices_jobs(ctx: _Ctx) -> tuple[list[TensorJob], str, list[int]]:
     for sl in slices:
         _slice_layer_jobs(ctx, sl, len(layer_map), jobs, layer_map)
     jobs.extend(_slice_edge_jobs(ctx, slices[-1], pre=False))
-    first = slices[0]
-    donor = first.base_model if first.base_model in {s.model for s in first.sources} else None
-    return jobs, donor or first.sources[0].model, layer_map
+    return jobs, _config_donor(ctx.recipe), layer_map
+
+
+def _config_donor(recipe: Recipe) -> str:
+    """The model whose config (and tensor list) the output takes."""
+    if recipe.slices:
+        first = recipe.slices[0]
+        inside = first.base_model in {s.model for s in first.sources}
+        return first.base_model if inside and first.base_model else first.sources[0].model
+    return recipe.base_model or (recipe.models or ())[0].model
 
 
 def _out_dtype(recipe: Recipe, donor: Model) -> str:
@@ -286,16 +323,9 @@ def _out_dtype(recipe: Recipe, donor: Model) -> str:
     return "float32"
 
 
-def _tokenizer_donor(recipe: Recipe, donor: str, problems: list[str]) -> str:
+def _tokenizer_donor(recipe: Recipe, donor: str) -> str:
+    """The model whose tokenizer files the output starts from (a union extends them)."""
     src = recipe.tokenizer_source
-    if src == "union":
-        path = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
-        problems.append(
-            recipe.loc.error(
-                path,
-                "union is not supported by this release of merge; use base or a model reference",
-            )
-        )
     if src in (None, "base", "union"):
         return recipe.base_model or donor
     return src
@@ -308,8 +338,10 @@ def peak_memory(jobs: Sequence[TensorJob], models: dict[str, Model], method: Met
     peak = 0
     for job in jobs:
         reads = [*job.inputs, *([job.base] if job.base else [])]
+        reads += job.vocab.extra if job.vocab else ()
         stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
         buffers = 0.0 if job.copy else len(reads) + per_model * len(job.inputs) + fixed
+        buffers += len(reads) + 1 if job.vocab else 0  # aligned copies and the default rows
         peak = max(peak, stored + int(4 * job.numel * buffers) + job.numel * job.dtype.itemsize)
     return peak
 
@@ -322,13 +354,15 @@ def make_plan(
     shard_bytes: int = 5 * 10**9,
 ) -> Plan:
     """Build and check the whole plan; raise PlanError listing every problem."""
-    ctx = _Ctx(recipe, models)
+    ctx = _Ctx(recipe, models, tokenizer_setting=has_setting(recipe))
+    tok_donor = _tokenizer_donor(recipe, _config_donor(recipe))
+    if ctx.tokenizer_setting:
+        ctx.vocab = build_vocab(recipe, models, tok_donor, ctx.problems)
     layer_map: list[int] | None = None
     if recipe.slices:
         jobs, donor, layer_map = _slices_jobs(ctx)
     else:
         jobs, donor = _models_jobs(ctx)
-    tok_donor = _tokenizer_donor(recipe, donor, ctx.problems)
     if ctx.problems:
         problems = list(dict.fromkeys(ctx.problems))
         if len(problems) > MAX_LISTED:
@@ -339,7 +373,8 @@ def make_plan(
         if not job.copy:
             job.dtype = DTYPES[out_dtype]
     shards = plan_shards([TensorSpec(j.name, j.shape, j.dtype) for j in jobs], shard_bytes)
-    config = arch.output_config(models[donor].checkpoint.config, out_dtype, layer_map)
+    vocab_size = ctx.vocab.rows if ctx.vocab else None
+    config = arch.output_config(models[donor].checkpoint.config, out_dtype, layer_map, vocab_size)
     chosen = seed if seed is not None else recipe.seed if recipe.seed is not None else DEFAULT_SEED
     return Plan(
         recipe,
@@ -353,7 +388,12 @@ def make_plan(
         config,
         chosen,
         peak_memory(jobs, models, recipe.method),
-        [*recipe.warnings, *_unused_tensors(recipe, models, jobs, donor)],
+        [
+            *recipe.warnings,
+            *(ctx.vocab.warnings if ctx.vocab else ()),
+            *_unused_tensors(recipe, models, jobs, donor),
+        ],
+        ctx.vocab,
     )
 
 
@@ -366,7 +406,8 @@ def _unused_tensors(
         return []
     read: dict[str, set[str]] = {}
     for job in jobs:
-        for inp in [*job.inputs, *([job.base] if job.base else [])]:
+        extra = job.vocab.extra if job.vocab else ()
+        for inp in [*job.inputs, *([job.base] if job.base else []), *extra]:
             read.setdefault(inp.model, set()).add(inp.name)
     warnings = []
     for ref, model in models.items():

@@ -1,11 +1,18 @@
-"""The output tokenizer: copied from its donor, with an optional chat template.
+"""The output tokenizer: read input tokenizers, extend one, write it, add a chat template.
 
-The donor is ``tokenizer_source`` (``base``: the base model, else the first model; or a model
-reference). ``chat_template`` is a named template (``chatml``, ``llama3``, ``alpaca``,
-``mistral``), ``auto`` (the template most of the input models use) or a literal Jinja template;
-it is written both to ``tokenizer_config.json`` and ``chat_template.jinja``.
+The donor is ``tokenizer_source`` (``base``: the base model, else the first model; ``union``:
+the base's tokenizer extended with the other models' tokens; or a model reference). Tokenizers
+are read as fast ``tokenizers.Tokenizer`` objects: ``tokenizer.json`` directly (header-like
+metadata, cheap), other formats (SentencePiece, WordPiece) converted by transformers. A union
+tokenizer is the donor's ``tokenizer.json`` plus added tokens (``extend_tokenizer``), written
+next to the donor's other tokenizer files, whose ``added_tokens_decoder`` and
+``added_tokens.json`` learn the new tokens too (so transformers 4.x and 5.x load it the same).
+``chat_template`` is a named template (``chatml``, ``llama3``, ``alpaca``, ``mistral``),
+``auto`` (the template most of the input models use) or a literal Jinja template; it is written
+both to ``tokenizer_config.json`` and ``chat_template.jinja``.
 
-What it does not do yet: vocabulary union and embedding permutation (tokenizer merging).
+What it does not do: decide which tokens the output has or where their embedding rows come
+from (``merge.vocab``), or retrain/merge BPE merges (new tokens are added tokens).
 """
 
 from __future__ import annotations
@@ -13,8 +20,11 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -28,6 +38,8 @@ TOKENIZER_FILES = (
     "spiece.model",
     "chat_template.jinja",
 )
+
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 TEMPLATES = {
     "chatml": (
@@ -82,21 +94,98 @@ def resolve_template(spec: str | None, model_dirs: Iterable[Path]) -> str | None
     return TEMPLATES.get(spec, spec)
 
 
-def write_tokenizer(donor: Path, out: Path, chat_template: str | None) -> list[str]:
-    """Copy the donor's tokenizer files into ``out``; returns the names copied."""
+def has_tokenizer(directory: Path) -> bool:
+    """True when ``directory`` holds tokenizer files that ``read_tokenizer`` can use."""
+    return any((directory / n).is_file() for n in VOCAB_FILES)
+
+
+def read_tokenizer(directory: Path) -> Tokenizer:
+    """A model's tokenizer as a fast ``tokenizers.Tokenizer``; ValueError (one line) if it
+    cannot be read. ``tokenizer.json`` is parsed directly; other formats go through
+    transformers' conversion (local files only)."""
+    path = directory / "tokenizer.json"
+    try:
+        if path.is_file():
+            return Tokenizer.from_file(str(path))
+        from transformers import AutoTokenizer
+
+        backend = getattr(AutoTokenizer.from_pretrained(directory), "backend_tokenizer", None)
+    except Exception as e:  # a corrupt file or a format transformers cannot convert
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(first) from None
+    if not isinstance(backend, Tokenizer):
+        raise ValueError("transformers cannot convert it to a fast tokenizer")
+    return backend
+
+
+def extend_tokenizer(tokenizer: Tokenizer, tokens: Sequence[AddedToken]) -> Tokenizer:
+    """A copy of ``tokenizer`` with ``tokens`` added (each keeps its ``special`` flag, so
+    special tokens are never split); ``tokenizer`` itself is unchanged."""
+    out = Tokenizer.from_str(tokenizer.to_str())
+    out.add_tokens(list(tokens))
+    return out
+
+
+def _added_entry(token: AddedToken) -> dict[str, Any]:
+    return {
+        "content": token.content,
+        "lstrip": token.lstrip,
+        "normalized": token.normalized,
+        "rstrip": token.rstrip,
+        "single_word": token.single_word,
+        "special": token.special,
+    }
+
+
+def _update_json(path: Path, update: Any) -> None:
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        update(data)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_built(out: Path, built: Tokenizer, added: Sequence[tuple[int, AddedToken]]) -> None:
+    """Save ``built`` as tokenizer.json; list ``added`` in the copied configs that list them."""
+    built.save(str(out / "tokenizer.json"))
+
+    def decoder(cfg: dict[str, Any]) -> None:
+        if isinstance(cfg.get("added_tokens_decoder"), dict):
+            for token_id, token in added:
+                cfg["added_tokens_decoder"][str(token_id)] = _added_entry(token)
+
+    def legacy(data: dict[str, Any]) -> None:
+        data.update({token.content: token_id for token_id, token in added})
+
+    _update_json(out / "tokenizer_config.json", decoder)
+    _update_json(out / "added_tokens.json", legacy)
+
+
+def write_tokenizer(
+    donor: Path,
+    out: Path,
+    chat_template: str | None,
+    built: Tokenizer | None = None,
+    added: Sequence[tuple[int, AddedToken]] = (),
+) -> list[str]:
+    """Copy the donor's tokenizer files into ``out``; returns the names written.
+
+    ``built``: the output tokenizer when it differs from the donor's (tokens ``added``, as
+    ``(id, token)``): it replaces ``tokenizer.json`` and the configs learn the new tokens.
+    """
     copied = []
     for name in TOKENIZER_FILES:
         src = donor / name
-        if src.is_file():
+        if src.is_file() and not (built is not None and name == "tokenizer.json"):
             shutil.copyfile(src, out / name)
             copied.append(name)
+    if built is not None:
+        _write_built(out, built, added)
+        copied.append("tokenizer.json")
     if chat_template is not None:
         (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-        cfg_path = out / "tokenizer_config.json"
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+
+        def set_template(cfg: dict[str, Any]) -> None:
             cfg["chat_template"] = chat_template
-            cfg_path.write_text(
-                json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
+
+        _update_json(out / "tokenizer_config.json", set_template)
     return copied

@@ -86,9 +86,10 @@ class TokenSpec(Strict):
 
 
 class TokenizerConfig(Strict):
-    """``tokenizer:``: the output vocabulary (union and overrides come with tokenizer merging)."""
+    """``tokenizer:``: the output vocabulary (``merge.vocab``); ``source`` defaults to
+    ``union``, as in mergekit."""
 
-    source: StrictStr = "base"
+    source: StrictStr = "union"
     tokens: dict[str, TokenSpec] | None = None
     pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0)
 
