@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from merge import architecture as arch
+from merge.globaltrim import global_jobs
 from merge.jobs import Input, Plan, TensorJob
 
 
@@ -49,7 +50,29 @@ def summary(p: Plan) -> list[str]:
         f"expected peak memory: {human_bytes(p.peak_bytes)} of tensor data"
         + (f" (largest tensor: {largest.name})" if largest else ""),
     ]
+    if p.vocab is not None:
+        lines.append(vocab_line(p))
+    trimmed = global_jobs(p.jobs)
+    if trimmed:
+        lines.append(
+            f"trim: global over {len(trimmed)} tensors (the whole-model top-k per model: two "
+            "statistics passes over the inputs before the merge)"
+        )
     return lines
+
+
+def vocab_line(p: Plan) -> str:
+    """The output vocabulary: its source, tokens, added tokens, rows and overrides."""
+    v = p.vocab
+    assert v is not None
+    source = "union of the models' tokenizers" if v.source == "union" else f"from '{v.donor}'"
+    sizes = ", ".join(f"{rows.rows} in '{ref}'" for ref, rows in v.models.items())
+    parts = [f"{v.size} tokens ({len(v.added)} added)", f"{v.rows} rows (inputs: {sizes})"]
+    if v.overrides:
+        parts.append(f"{len(v.overrides)} token override(s)")
+    aligned = sum(1 for j in p.jobs if j.vocab is not None)
+    parts.append(f"{aligned} tensor(s) permuted into it" if aligned else "no tensor permuted")
+    return f"tokenizer: {source}: " + ", ".join(parts)
 
 
 def plan_text(p: Plan) -> str:
@@ -86,6 +109,9 @@ def job_line(aliases: dict[str, str], job: TensorJob) -> str:
         base = f" base={_source(aliases, job, job.base)}" if job.base else ""
         params = " ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
         how = f"{srcs}{base}  {params}".rstrip()
+    if job.vocab is not None:
+        extra = "".join(f", override rows from {_source(aliases, job, i)}" for i in job.vocab.extra)
+        how += f"  (rows permuted into the output vocabulary{extra})"
     return f"{job.name}  [{shape}]  {how}"
 
 
@@ -111,7 +137,22 @@ def plan_json(p: Plan) -> dict[str, Any]:
                 "base": [j.base.model, j.base.name] if j.base else None,
                 "params": j.params,
                 "copy": j.copy,
+                "vocab_aligned": j.vocab is not None,
             }
             for j in p.jobs
         ],
+        "vocab": _vocab_json(p),
+    }
+
+
+def _vocab_json(p: Plan) -> dict[str, Any] | None:
+    if p.vocab is None:
+        return None
+    return {
+        "source": p.vocab.source,
+        "donor": p.vocab.donor,
+        "tokens": p.vocab.size,
+        "rows": p.vocab.rows,
+        "added": [token.content for _, token in p.vocab.added],
+        "model_rows": {ref: v.rows for ref, v in p.vocab.models.items()},
     }

@@ -1,0 +1,168 @@
+"""Global TIES trimming: one magnitude threshold per model over the whole model, streamed.
+
+The TIES paper keeps the top ``k`` entries of each task vector ``d = x - b`` over the *whole*
+model; mergekit (and ``trim: local``) does it per tensor. With ``trim: global`` the budget of
+model ``m`` is ``k_m = sum_t int(density_{m,t} * numel_t)`` over every tensor ``t`` merged with
+global trimming (with one density per model this is ``int(density * model size)``, up to
+rounding per tensor), and the kept entries are the ``k_m`` largest ``|d|`` of the model.
+
+Finding the ``k_m``-th largest magnitude exactly, without holding the model, is a radix select
+on the float32 bit patterns (for non-negative floats the bit pattern orders like the value):
+
+1. statistics pass 1: histogram of the top 16 bits of ``|d|`` per model (65,536 counters);
+   the bin holding the ``k_m``-th largest value is found from the top;
+2. statistics pass 2: histogram of the low 15 bits inside that bin only: the exact threshold
+   ``T_m`` and how many entries equal to ``T_m`` still fit in the budget;
+3. the merge: an entry is kept when ``|d| > T_m``, or when ``|d| == T_m`` and it is among the
+   first such entries in plan order (flattened order within a tensor) until the budget is used,
+   so exactly ``k_m`` entries are kept, like ``torch.topk`` over the concatenated model with a
+   stable order.
+
+Memory is one job's tensors plus two histograms per model. Each statistics pass reads the
+inputs once. The equal-to-threshold quota is a prefix over plan order, so jobs must be given to
+``job_params`` in plan order (the executor runs them in that order).
+
+What it does not do: choose which tensors take part (the planner puts ``trim`` in each job's
+parameters), or merge (``merge.methods.task_arithmetic.ties`` applies the thresholds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from merge.jobs import TensorJob
+
+__all__ = ["GlobalTrim", "ModelCut", "global_jobs", "magnitude_bits"]
+
+HIGH_BINS = 1 << 16  # top 16 bits of the 31 magnitude bits
+LOW_BITS = 15
+LOW_BINS = 1 << LOW_BITS
+
+ReadJob = Callable[[TensorJob], tuple[list[Tensor], Tensor]]
+
+
+def global_jobs(jobs: Iterable[TensorJob]) -> list[TensorJob]:
+    """The jobs merged with ``trim: global``, in plan order."""
+    return [j for j in jobs if not j.copy and j.params.get("trim") == "global"]
+
+
+def magnitude_bits(x: Tensor, base: Tensor) -> Tensor:
+    """``|x - b|`` in float32, viewed as int32 bit patterns (ordered like the values)."""
+    return (x - base).abs_().reshape(-1).view(torch.int32)
+
+
+@dataclass
+class ModelCut:
+    """The exact cut of one model: keep ``|d| > threshold`` plus ``equal_left`` more entries
+    equal to ``threshold`` (the first ones met in plan order)."""
+
+    budget: int
+    total: int
+    threshold: float
+    equal_left: int
+
+
+def _high_bin(hist: Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest value, entries in higher bins), counting from the top."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
+    b = hist.numel() - 1 - idx
+    above = int(from_top[idx - 1].item()) if idx > 0 else 0
+    return b, above
+
+
+class GlobalTrim:
+    """Per-model thresholds found by two statistics passes, then per-job parameters."""
+
+    def __init__(self, cuts: dict[str, ModelCut]) -> None:
+        self.cuts = cuts
+
+    @classmethod
+    def compute(
+        cls,
+        jobs: Sequence[TensorJob],
+        read_job: ReadJob,
+        progress: Callable[[str], Callable[[TensorJob], None]] | None = None,
+    ) -> GlobalTrim:
+        """Run both statistics passes over ``jobs`` (already filtered by ``global_jobs``)."""
+        hist: dict[str, Tensor] = {}
+        budget: dict[str, int] = {}
+        total: dict[str, int] = {}
+        step = progress("trim statistics 1/2") if progress else None
+        for job in jobs:
+            tensors, base = read_job(job)
+            for inp, x, density in zip(job.inputs, tensors, job.params["density"], strict=True):
+                bits = magnitude_bits(x, base)
+                h = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
+                hist[inp.model] = hist[inp.model] + h if inp.model in hist else h
+                budget[inp.model] = budget.get(inp.model, 0) + int(float(density) * job.numel)
+                total[inp.model] = total.get(inp.model, 0) + job.numel
+            if step:
+                step(job)
+        cuts: dict[str, ModelCut] = {}
+        pending: dict[str, tuple[int, int]] = {}  # model -> (high bin, entries still needed)
+        for m, h in hist.items():
+            k = budget[m]
+            if k <= 0:
+                cuts[m] = ModelCut(k, total[m], math.inf, 0)
+            elif k >= total[m]:
+                cuts[m] = ModelCut(k, total[m], -1.0, 0)
+            else:
+                b, above = _high_bin(h, k)
+                pending[m] = (b, k - above)
+        if pending:
+            cuts.update(cls._refine(jobs, read_job, pending, budget, total, progress))
+        return cls(cuts)
+
+    @staticmethod
+    def _refine(
+        jobs: Sequence[TensorJob],
+        read_job: ReadJob,
+        pending: dict[str, tuple[int, int]],
+        budget: dict[str, int],
+        total: dict[str, int],
+        progress: Callable[[str], Callable[[TensorJob], None]] | None,
+    ) -> dict[str, ModelCut]:
+        low = {m: torch.zeros(LOW_BINS, dtype=torch.int64) for m in pending}
+        step = progress("trim statistics 2/2") if progress else None
+        for job in jobs:
+            if not any(i.model in pending for i in job.inputs):
+                continue
+            tensors, base = read_job(job)
+            for inp, x in zip(job.inputs, tensors, strict=True):
+                if inp.model not in pending:
+                    continue
+                bits = magnitude_bits(x, base)
+                inside = bits[(bits >> LOW_BITS) == pending[inp.model][0]]
+                low[inp.model] += torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
+            if step:
+                step(job)
+        cuts = {}
+        for m, (b, need) in pending.items():
+            t, above = _high_bin(low[m], need)
+            pattern = torch.tensor([(b << LOW_BITS) | t], dtype=torch.int32)
+            threshold = float(pattern.view(torch.float32).item())
+            cuts[m] = ModelCut(budget[m], total[m], threshold, need - above)
+        return cuts
+
+    def job_params(self, job: TensorJob, tensors: list[Tensor], base: Tensor) -> dict[str, Any]:
+        """``job.params`` plus ``trim_threshold`` and ``trim_equal`` (per model), consuming
+        each model's equal-to-threshold quota. Call in plan order, once per job."""
+        thresholds: list[float] = []
+        equal: list[int] = []
+        for inp, x in zip(job.inputs, tensors, strict=True):
+            cut = self.cuts[inp.model]
+            take = 0
+            if cut.equal_left > 0:
+                ties = int(((x - base).abs_() == cut.threshold).sum().item())
+                take = min(ties, cut.equal_left)
+                cut.equal_left -= take
+            thresholds.append(cut.threshold)
+            equal.append(take)
+        return {**job.params, "trim_threshold": thresholds, "trim_equal": equal}
