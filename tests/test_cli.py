@@ -66,7 +66,7 @@ models:
     assert fails(recipe, tmp_path) == [
         f"{recipe}:5: models[0].parameters.density: must be in (0, 1], got 1.5",
         f"{recipe}:7: models[1].parameters.wieght: unknown parameter for ties; did you mean "
-        "'weight'? (allowed: weight, density, normalize, lambda, int8_mask, rescale)",
+        "'weight'? (allowed: weight, density, normalize, lambda, int8_mask, rescale, trim)",
         f"{recipe}:6: models[1]: model '{llama_ft1}' needs the parameter 'weight' (a number) "
         "for ties",
     ]
@@ -122,12 +122,11 @@ def test_shape_mismatch(tmp_path: Path, llama_base: Path, make_checkpoint) -> No
 def test_vocabulary_mismatch_explains(tmp_path: Path, llama_base: Path, make_checkpoint) -> None:
     big = make_checkpoint("big", layers=4, vocab=520)
     recipe = write(tmp_path, linear(llama_base, big))
-    lines = fails(recipe, tmp_path)
-    assert lines[0] == (
-        f"tensor 'model.embed_tokens.weight': shape [520, 32] in model '{big}' does not match "
-        f"[512, 32] in model '{llama_base}' (the vocabularies differ: 512 vs 520 rows; merging "
-        "models with different tokenizers needs tokenizer_source: union, not yet supported)"
-    )
+    assert fails(recipe, tmp_path) == [
+        f"vocabulary sizes differ (512 in model '{llama_base}', 520 in model '{big}'); set "
+        "tokenizer_source: union (or base, or a model reference) to merge the embeddings and "
+        "lm_head token by token"
+    ]
 
 
 def test_layer_range_out_of_bounds(tmp_path: Path, llama_base: Path) -> None:

@@ -86,7 +86,7 @@ def test_nested_unknown_key_and_out_of_range_are_reported_together() -> None:
     )
     assert got == [
         "r.yaml:6: models[1].parameters.desnity: unknown parameter for ties; did you mean "
-        "'density'? (allowed: weight, density, normalize, lambda, int8_mask, rescale)",
+        "'density'? (allowed: weight, density, normalize, lambda, int8_mask, rescale, trim)",
         "r.yaml:10: models[2].parameters.density: must be in (0, 1], got 1.5",
     ]
 
