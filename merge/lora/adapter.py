@@ -1,35 +1,8 @@
-"""LoRA adapters (PEFT format) applied to a base checkpoint while its tensors stream through.
+"""Adapters in PEFT format: config, tensor-name mapping, deltas, and checks against a base.
 
-Design
-------
-A recipe model ``base+adapter`` is the base checkpoint with each LoRA target weight ``W`` read
-as ``W + B @ A * scaling``. ``LoraCheckpoint.open`` reads the adapter folder whole (it is small:
-``adapter_config.json`` and ``adapter_model.safetensors`` or ``adapter_model.bin``), maps PEFT
-tensor names to base tensor names, and checks everything against the base's headers before any
-base tensor data is read: every target module exists, every shape fits, every option is one we
-apply exactly as peft's ``merge_and_unload`` does. The ``LoraCheckpoint`` then shows the
-planner the base's names, shapes, dtypes and config unchanged; ``read(name)`` reads that one
-base tensor and, when the adapter touches it, returns the sum computed in float32 (no second
-rounding here: the executor casts once, to the output dtype).
-
-What the adapter may hold, and how it is applied (as peft does):
-
-- ``<module>.lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]: ``W += B @ A * scaling``,
-  transposed with ``fan_in_fan_out`` (GPT-2's Conv1D stores ``W`` as [in, out]).
-- ``<module>.lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r]:
-  ``W += (B @ A)^T * scaling``.
-- any other tensor (``modules_to_save`` such as ``lm_head``, embeddings saved with
-  ``save_embedding_layers``, biases trained with ``bias: all|lora_only``): replaces the base
-  tensor of the same name (``.base_layer`` dropped); a LoRA delta is then added on top. With a
-  tied lm_head, replacing the embeddings needs an equal lm_head (``ensure_weight_tying``);
-  otherwise peft unties them, which a tied output cannot represent: refused.
-- ``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``; ``r`` and
-  ``lora_alpha`` per module from ``rank_pattern`` / ``alpha_pattern`` (first key matching the
-  end of the module name on a dot boundary, as peft matches them).
-
-What it does not do: resolve or download folders (``merge.sources``), write a merged copy or a
-cache, or apply other PEFT methods or LoRA variants (DoRA, LoRA bias, aLoRA, trainable tokens,
-target_parameters, layer replication, convolution LoRA, ...): each is refused by name.
+``read_adapter`` reads an adapter folder whole (it is small) and checks every target against
+the base checkpoint's headers; ``merge.lora.checkpoint.LoraCheckpoint`` applies the result as
+tensors stream. See ``merge/lora/__init__.py`` for what is applied and how.
 """
 
 from __future__ import annotations
@@ -39,7 +12,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -366,78 +338,3 @@ class _Lacks:
         if arch.ties_embeddings(self.base.config) and arch.tied_partner(name, self.base.tensors):
             text += "; its lm_head is tied to the input embeddings (tie_word_embeddings)"
         return text
-
-
-# --- the checkpoint ---------------------------------------------------------------------------
-
-
-class LoraCheckpoint:
-    """A base ``Checkpoint`` read through an adapter; same interface as ``Checkpoint``."""
-
-    def __init__(self, base: Checkpoint, adapter: Adapter, label: str) -> None:
-        self.base = base
-        self.adapter = adapter
-        self.label = label
-        self.directory = base.directory
-        self.config = base.config
-        self.tensors = base.tensors
-        self.format = base.format
-
-    @classmethod
-    def open(
-        cls, base: Checkpoint, adapter_dir: Path, *, label: str, base_label: str, adapter_label: str
-    ) -> LoraCheckpoint:
-        """Wrap the open ``base`` with the adapter in ``adapter_dir`` (checked against it)."""
-        if not Path(adapter_dir).is_dir():
-            raise CheckpointError(
-                f"model '{label}': adapter '{adapter_label}' ({adapter_dir}): directory not found"
-            )
-        adapter = read_adapter(
-            Path(adapter_dir),
-            base,
-            label=label,
-            base_label=base_label,
-            adapter_label=adapter_label,
-        )
-        return cls(base, adapter, label)
-
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor: the base's (stored dtype), or, where the adapter touches it, the replaced
-        and/or LoRA-updated tensor in float32. Reads at most one base tensor; never mutates."""
-        replacement = self.adapter.replacements.get(name)
-        pair = self.adapter.pairs.get(name)
-        if replacement is None and pair is None:
-            return self.base.read(name)
-        if replacement is None:
-            weight = self.base.read(name).to(torch.float32)
-        else:  # a copy: callers may own what read() returns, as with the base's reads
-            weight = replacement.to(torch.float32, copy=True)
-        return weight if pair is None else weight + pair.delta()
-
-    @property
-    def num_layers(self) -> int | None:
-        return arch.num_layers(self.config)
-
-    @property
-    def layer_count(self) -> int:
-        return self.base.layer_count
-
-    def close(self) -> None:
-        self.base.close()
-
-    def __enter__(self) -> LoraCheckpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"LoraCheckpoint({self.label!r}, {len(self.adapter.pairs)} LoRA modules, "
-            f"{len(self.adapter.replacements)} replaced tensors)"
-        )

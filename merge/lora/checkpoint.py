@@ -1,0 +1,90 @@
+"""``LoraCheckpoint``: a base checkpoint read through an adapter, tensor by tensor.
+
+Same interface as ``merge.checkpoint.Checkpoint`` (``tensors``, ``config``, ``read``,
+``layer_count``, ``close``); the planner sees the base's names, shapes and dtypes unchanged.
+It holds the adapter's small tensors and reads at most one base tensor per ``read``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from merge import architecture as arch
+from merge.checkpoint import Checkpoint
+from merge.errors import CheckpointError
+from merge.lora.adapter import Adapter, read_adapter
+
+
+class LoraCheckpoint:
+    """A base ``Checkpoint`` read through an adapter; same interface as ``Checkpoint``."""
+
+    def __init__(self, base: Checkpoint, adapter: Adapter, label: str) -> None:
+        self.base = base
+        self.adapter = adapter
+        self.label = label
+        self.directory = base.directory
+        self.config = base.config
+        self.tensors = base.tensors
+        self.format = base.format
+
+    @classmethod
+    def open(
+        cls, base: Checkpoint, adapter_dir: Path, *, label: str, base_label: str, adapter_label: str
+    ) -> LoraCheckpoint:
+        """Wrap the open ``base`` with the adapter in ``adapter_dir`` (checked against it)."""
+        if not Path(adapter_dir).is_dir():
+            raise CheckpointError(
+                f"model '{label}': adapter '{adapter_label}' ({adapter_dir}): directory not found"
+            )
+        adapter = read_adapter(
+            Path(adapter_dir),
+            base,
+            label=label,
+            base_label=base_label,
+            adapter_label=adapter_label,
+        )
+        return cls(base, adapter, label)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor: the base's (stored dtype), or, where the adapter touches it, the replaced
+        and/or LoRA-updated tensor in float32. Reads at most one base tensor; never mutates."""
+        replacement = self.adapter.replacements.get(name)
+        pair = self.adapter.pairs.get(name)
+        if replacement is None and pair is None:
+            return self.base.read(name)
+        if replacement is None:
+            weight = self.base.read(name).to(torch.float32)
+        else:  # a copy: callers may own what read() returns, as with the base's reads
+            weight = replacement.to(torch.float32, copy=True)
+        return weight if pair is None else weight + pair.delta()
+
+    @property
+    def num_layers(self) -> int | None:
+        return arch.num_layers(self.config)
+
+    @property
+    def layer_count(self) -> int:
+        return self.base.layer_count
+
+    def close(self) -> None:
+        self.base.close()
+
+    def __enter__(self) -> LoraCheckpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraCheckpoint({self.label!r}, {len(self.adapter.pairs)} LoRA modules, "
+            f"{len(self.adapter.replacements)} replaced tensors)"
+        )
