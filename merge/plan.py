@@ -20,6 +20,7 @@ from typing import Any
 from merge import architecture as arch
 from merge.errors import PlanError
 from merge.jobs import DEFAULT_SEED, DTYPES, Input, Plan, TensorJob
+from merge.memory import peak_memory
 from merge.methods import REQUIRED, Method
 from merge.recipe import Recipe, SliceSpec, Source, lookup
 from merge.recipe.model import Params
@@ -329,21 +330,6 @@ def _tokenizer_donor(recipe: Recipe, donor: str) -> str:
     if src in (None, "base", "union"):
         return recipe.base_model or donor
     return src
-
-
-def peak_memory(jobs: Sequence[TensorJob], models: dict[str, Model], method: Method) -> int:
-    """Expected peak bytes of tensor data while one job runs: the inputs as stored and as
-    float32, the method's measured working space (``Method.workspace``) and the output."""
-    per_model, fixed = method.workspace
-    peak = 0
-    for job in jobs:
-        reads = [*job.inputs, *([job.base] if job.base else [])]
-        reads += job.vocab.extra if job.vocab else ()
-        stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
-        buffers = 0.0 if job.copy else len(reads) + per_model * len(job.inputs) + fixed
-        buffers += len(reads) + 1 if job.vocab else 0  # aligned copies and the default rows
-        peak = max(peak, stored + int(4 * job.numel * buffers) + job.numel * job.dtype.itemsize)
-    return peak
 
 
 def make_plan(
