@@ -54,13 +54,15 @@ def models(llama_base: Path, llama_ft1: Path, llama_ft2: Path) -> tuple[Path, Pa
 
 
 def slerp_rows(t: float, a: Tensor, b: Tensor) -> Tensor:
-    """Slerp per row of 2-D ``a`` -> ``b``; norms clamped at 1e-7; lerp where |sin| < 1e-8."""
+    """Slerp per row of 2-D ``a`` -> ``b``; norms clamped at 1e-7; lerp where
+    1 - |cos| < 1e-6."""
     na = a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     nb = b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    th = torch.acos(((a * b).sum(-1, keepdim=True) / (na * nb)).clamp(-1, 1))
+    cos = ((a * b).sum(-1, keepdim=True) / (na * nb)).clamp(-1, 1)
+    th = torch.acos(cos)
     s = torch.sin(th)
     slerped = (torch.sin((1 - t) * th) * a + torch.sin(t * th) * b) / s
-    return torch.where(s.abs() < 1e-8, (1 - t) * a + t * b, slerped)
+    return torch.where(1 - cos.abs() < 1e-6, (1 - t) * a + t * b, slerped)
 
 
 def as_rows(x: Tensor) -> Tensor:

@@ -90,8 +90,9 @@ def clamp(v: float, lo: float, hi: float) -> float:
 
 def ref_slerp(t: float, a: Vec, b: Vec) -> Vec:
     na, nb = max(norm(a), 1e-7), max(norm(b), 1e-7)
-    th = math.acos(clamp(dot(a, b) / (na * nb), -1.0, 1.0))
-    if abs(math.sin(th)) < 1e-8:
+    cos = clamp(dot(a, b) / (na * nb), -1.0, 1.0)
+    th = math.acos(cos)
+    if 1 - abs(cos) < 1e-6:
         return lin((1 - t, a), (t, b))
     return lin((math.sin((1 - t) * th) / math.sin(th), a), (math.sin(t * th) / math.sin(th), b))
 
@@ -564,7 +565,7 @@ def test_model_stock_identical_models_and_zero_task_vectors() -> None:
 
 
 def test_model_stock_cancelling_directions_keep_the_base() -> None:
-    """Mean cosine -1/(N-1): 1 + (N-1) cos = 0, where mergekit divides by zero."""
+    """Mean cosine -1/(N-1): 1 + (N-1) cos = 0; the base is kept (no division by ~0)."""
     b = torch.zeros(3)
     got2 = call(
         "model_stock", [b + torch.tensor([1.0, 2.0, 0.0]), b - torch.tensor([2.0, 4.0, 0.0])], b
@@ -708,3 +709,28 @@ def test_arcee_fusion_samples_quantiles_from_the_generator_only() -> None:
     assert abs(t5 - exact) < 0.01 * exact
     with pytest.raises(ValueError, match="needs a generator"):
         iqr_threshold(importance, None)
+
+
+def test_nuslerp_exactly_opposite_task_vectors_are_lerped() -> None:
+    """cos rounds to -1 and sin(acos(-1)) is -8.7e-8 in float32: still the lerp, not noise."""
+    gen = torch.Generator().manual_seed(5)
+    b = torch.randn(8, 16, generator=gen)
+    d = torch.randn(8, 16, generator=gen) * 0.05
+    zero = torch.zeros_like(b)
+    for flatten in (True, False):
+        # exactly opposite (base 0): the lerp at t = 0.5 of d and -d is exactly 0
+        out = call("nuslerp", [d, -d], zero, weight=[1.0, 1.0], nuslerp_flatten=flatten)
+        assert out.abs().max() < 1e-7, flatten
+        # opposite up to the rounding of b + d - b: the base up to that rounding
+        out = call("nuslerp", [b + d, b - d], b, weight=[1.0, 1.0], nuslerp_flatten=flatten)
+        assert (out - b).abs().max() < 1e-5, flatten
+    out = call("nuslerp", [b + d, b - d], b, weight=[3.0, 1.0])
+    assert_close(out - b, 0.5 * d, rtol=1e-4, atol=1e-6)  # (1 - t) d - t d at t = 1/4
+
+
+def test_multislerp_exactly_opposite_pair_falls_back_to_the_weighted_sum() -> None:
+    gen = torch.Generator().manual_seed(6)
+    b = torch.randn(64, generator=gen)
+    d = torch.randn(64, generator=gen) * 0.05
+    out = call("multislerp", [b + d, b - d], b, weight=[1.0, 1.0])
+    assert (out - b).abs().max() < 1e-6

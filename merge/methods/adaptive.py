@@ -7,8 +7,8 @@ With ``d_i = x_i - b`` (``N`` models besides the base ``b``):
   with ``filter_wise``, per vector along the last dim (a 1-D tensor is one vector);
   ``t = N cos / (1 + (N-1) cos)`` and ``out = t mean(x_i) + (1 - t) b``. The mean pairwise
   cosine of N vectors is >= -1/(N-1), so the denominator is >= 0 and is 0 only when the unit
-  task vectors sum to 0. **Fix:** mergekit divides anyway (inf/NaN); here ``t = 0`` (the base)
-  wherever the denominator is <= 1e-6. Zero task vectors have cosine 0 with everything.
+  task vectors sum to 0: there ``t = 0`` (the base) wherever the denominator is <= 1e-6, as
+  mergekit 0.1.5 also does. Zero task vectors have cosine 0 with everything.
 - sce (FuseChat, https://arxiv.org/abs/2408.07990): if ``select_topk < 1``, keep only the
   ``int(select_topk * count)`` positions of highest variance across models (population variance;
   ``count`` = positions with nonzero variance; none kept if that rounds to 0, as in mergekit;
@@ -200,8 +200,6 @@ MODEL_STOCK = Method(
     paper="https://arxiv.org/abs/2403.19522",
     description="move from the base towards the models' average by an angle-derived factor",
     workspace=(0.0, 2.0),
-    fixes="where the task vectors' unit directions cancel (1 + (N-1) cos ~ 0) mergekit divides "
-    "by ~0; here the base is kept",
 )
 SCE = Method(
     name="sce",

@@ -9,18 +9,21 @@ models), with these choices where it is silent or fails:
   set (the base is then added back). Flattened by default; with ``nuslerp_flatten: false`` each
   vector along the last dim (a row of a 2-D weight) is slerped on its own, or each vector along
   dim 0 with ``nuslerp_row_wise: true`` (mergekit's naming). A 1-D tensor is one vector either
-  way. Where ``|sin th| < 1e-8`` it lerps. A zero vector has no direction: it counts as
-  orthogonal to the other (``th = pi/2``, mergekit's numbers, never NaN), so ``slerp(t, 0, v)
-  = sin(t pi/2) v``. ``t`` 0 and 1 return the model itself.
+  way. Where ``1 - |cos th| < 1e-6`` (parallel or opposite within ~1.4e-3 rad) it lerps. A
+  zero vector has no direction: it counts as orthogonal to the other (``th = pi/2``,
+  mergekit's numbers, never NaN), so ``slerp(t, 0, v) = sin(t pi/2) v``. ``t`` 0 and 1
+  return the model itself.
 - multislerp: task vectors if a base is set; unit vectors ``u_i = v_i / (|v_i| + eps)``; the
   weighted mean direction ``m``; tangent vectors ``u_i - (u_i.m) m`` and their weighted sum
   ``v``; ``m cos|v| + v sin|v|/|v|`` (with ``|v| + eps``) times ``sum w_i |v_i|``, plus the base.
   In exact arithmetic ``v`` is 0 (the weighted tangent vectors at the weighted mean direction
   cancel), so the result is the weighted mean direction times the weighted mean length; it is
   computed in that closed form (one accumulator, not one buffer per model), equal to
-  mergekit's step-by-step result up to float rounding. **Fix:** where ``m`` is ~0 (opposite
-  inputs cancel) mergekit lerps for 2 models but raises for 3 or more; here any count falls
-  back to ``sum w_i v_i`` (+ base): a tensor every model left equal to the base gives the base.
+  mergekit's step-by-step result up to float rounding. **Fix:** where ``|m|`` is below
+  ``max(eps, 1e-6 * sum |w_i|)`` (opposite inputs cancel; an exactly opposite pair leaves float32
+  noise of ~3e-8, above mergekit's 1e-8, which it then normalises) mergekit raises for 3 or more
+  models; here any count falls back to ``sum w_i v_i`` (+ base): a tensor every model left equal
+  to the base gives the base.
 - karcher: the Riemannian (Karcher) mean of the unit vectors, uniform weights, by log/exp
   iterations from the normalised extrinsic mean, stopping after ``max_iter`` steps or when the
   tangent step is shorter than ``tol``; times the mean norm. A base model, if set, is one more
@@ -58,7 +61,8 @@ __all__ = [
     "slerp_vectors",
 ]
 
-COLINEAR_EPS = 1e-8  # |sin th| below this: lerp (nuslerp)
+COLINEAR_COS = 1e-6  # 1 - |cos th| below this (|sin th| < ~1.4e-3): lerp (nuslerp)
+CANCEL_FLOOR = 1e-6  # multislerp: a weighted mean direction this short (relative) cancels
 NORM_FLOOR = 1e-7  # nuslerp divides norms clamped to at least this
 WEIGHT_SUM_EPS = 1e-6  # nuslerp: |w1 + w2| below this gives t = 0.5
 OPPOSITE_EPS = 1e-3  # karcher: a direction this close (rad) to opposite the mean gives no step
@@ -80,13 +84,18 @@ def slerp_vectors(
     """Slerp each vector of the 2-D ``v0`` (t=0) along ``dim`` towards the same vector of ``v1``.
 
     Norms are clamped to ``NORM_FLOOR`` (a zero vector counts as orthogonal); vectors with
-    ``|sin th| < COLINEAR_EPS`` are lerped. ``inplace`` writes the result into ``v0``."""
+    ``1 - |cos th| < COLINEAR_COS`` (parallel or opposite, within ~1.4e-3 rad) are lerped.
+    ``inplace`` writes the result into ``v0``."""
     n0 = torch.linalg.vector_norm(v0, dim=dim, keepdim=True).clamp_(min=NORM_FLOOR)
     n1 = torch.linalg.vector_norm(v1, dim=dim, keepdim=True).clamp_(min=NORM_FLOOR)
     dot = torch.einsum("ij,ij->i" if dim == 1 else "ij,ij->j", v0, v1).unsqueeze(dim)
-    theta = torch.acos((dot / (n0 * n1)).clamp_(-1.0, 1.0))
+    cos = (dot / (n0 * n1)).clamp_(-1.0, 1.0)
+    theta = torch.acos(cos)
     sin = torch.sin(theta)
-    colinear = sin.abs() < COLINEAR_EPS
+    # decided on the cosine: float32 cannot resolve angles within ~1e-3 of 0 or pi (exactly
+    # opposite vectors give cos -0.99999994 or -1, and sin(acos(-1)) is -8.7e-8, not 0), so a
+    # sin test would divide rounding noise by ~1e-4..1e-8 there; the lerp is exact instead
+    colinear = (1.0 - cos.abs()) < COLINEAR_COS
     safe = torch.where(colinear, torch.ones_like(sin), sin)
     s0 = torch.where(colinear, torch.full_like(sin, 1 - t), torch.sin((1 - t) * theta) / safe)
     s1 = torch.where(colinear, torch.full_like(sin, t), torch.sin(t * theta) / safe)
@@ -149,7 +158,9 @@ def multislerp(
         mean.add_(v, alpha=w / (norms[-1] + eps))  # sum_i w_i u_i
         del v
     mean_norm = _norm(mean)
-    if mean_norm < eps:  # the directions cancel: weighted sum of the (task) vectors
+    # the directions cancel (exactly opposite pairs leave float32 noise of ~1e-8, so the floor
+    # is relative to the weights, not just eps): weighted sum of the (task) vectors
+    if mean_norm < max(eps, CANCEL_FLOOR * sum(abs(w) for w in weights)):
         mean.zero_()
         for x, w in zip(tensors, weights, strict=True):
             mean.add_(_task(x, base), alpha=w)
@@ -251,6 +262,9 @@ NUSLERP = Method(
     paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp",
     description="slerp between two models by weight, of task vectors when a base is set",
     workspace=(0.0, 2.0),
+    fixes="directions within ~1.4e-3 rad of parallel or opposite (1 - |cos| < 1e-6) are lerped: "
+    "mergekit's |sin| < 1e-8 test misses exactly opposite vectors in float32 and divides "
+    "rounding noise by ~1e-7",
 )
 MULTISLERP = Method(
     name="multislerp",
@@ -266,8 +280,9 @@ MULTISLERP = Method(
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     description="spherical weighted average of any number of models (or task vectors)",
     workspace=(0.0, 2.0),
-    fixes="when the weighted directions cancel, mergekit raises for 3 or more models; "
-    "here it falls back to the weighted sum",
+    fixes="when the weighted directions cancel (|mean| < 1e-6 of the weights), mergekit raises "
+    "for 3 or more models and normalises rounding noise for an opposite pair; here it falls "
+    "back to the weighted sum",
     check=multislerp_check,
 )
 KARCHER = Method(

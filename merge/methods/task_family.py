@@ -80,8 +80,9 @@ def della_check(params: dict[str, Any], models: list[str]) -> list[str]:
 
 _SPARSE = (_WEIGHT, _DENSITY)
 _BREADCRUMBS_FIX = (
-    "mergekit zeroes the whole task vector when int(gamma * size) is 0 (every tensor under "
-    "100 entries at gamma 0.01); here nothing is dropped from the top then"
+    "older mergekit releases zero the whole task vector when int(gamma * size) is 0 (every "
+    "tensor under 100 entries at gamma 0.01); here, as in mergekit 0.1.5, nothing is dropped "
+    "from the top then"
 )
 
 
