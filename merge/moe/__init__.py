@@ -1,0 +1,1 @@
+"""MoE assembly (mergekit-moe syntax): router gate vectors and output formats."""
