@@ -3,26 +3,36 @@
 Each phase raises a ``MergeError`` subclass listing all of its problems. ``run`` writes into
 a temporary sibling of the output directory and renames it into place only when everything
 succeeded, so a failed run leaves nothing behind and never touches an existing output.
+
+MoE recipes (``merge.moe``) take the same path with their own planner; ``run`` computes their
+router gates after planning and before opening the output, prints the routing report through
+``info`` and writes it into the model card.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge import __version__
 from merge.card import model_card
 from merge.errors import OutputError
 from merge.execute import execute
 from merge.jobs import Plan
+from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.sourceset import close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
 from merge.writer import parse_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 RECIPE_NAME = "merge-recipe.yaml"
 
@@ -36,19 +46,27 @@ def _shard_bytes(value: str | int) -> int:
 
 @contextmanager
 def planned(
-    recipe: str | Path | Recipe, *, seed: int | None = None, shard_size: str | int = "5GB"
+    recipe: str | Path | Recipe | MoeRecipe,
+    *,
+    seed: int | None = None,
+    shard_size: str | int = "5GB",
 ) -> Iterator[Plan]:
     """Load, resolve and plan a recipe; the models stay open inside the ``with`` block."""
     shard_bytes = _shard_bytes(shard_size)
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     models = open_models(rec)
     try:
-        yield make_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+        if isinstance(rec, MoeRecipe):
+            from merge.moe.plan import make_moe_plan
+
+            yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+        else:
+            yield make_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
     finally:
         close_models(models)
 
 
-def plan(recipe: str | Path | Recipe, **kwargs: object) -> Plan:
+def plan(recipe: str | Path | Recipe | MoeRecipe, **kwargs: object) -> Plan:
     """The checked plan of a recipe (reads headers only)."""
     with planned(recipe, **kwargs) as p:  # type: ignore[arg-type]
         return p
@@ -103,6 +121,11 @@ def write_extras(p: Plan, out: Path) -> None:
     write_tokenizer(p.models[p.tokenizer_donor].directory, out, template, built, added)
     (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
     inputs = [_resolved(ref, m.directory, m.adapter) for ref, m in p.models.items()]
+    sections = [("Resolved inputs", "\n".join(f"- {i}" for i in inputs))]
+    if p.moe is not None:
+        from merge.moe.card import moe_sections
+
+        sections = moe_sections(p.moe, p.donor, p.moe.report) + sections
     card = model_card(
         recipe_text=p.recipe.text,
         method_name=p.method.name,
@@ -114,14 +137,35 @@ def write_extras(p: Plan, out: Path) -> None:
         seed=p.seed,
         dtype=p.out_dtype,
         num_params=sum(j.numel for j in p.jobs),
-        extra_sections=[("Resolved inputs", "\n".join(f"- {i}" for i in inputs))],
+        extra_sections=sections,
+        title="Mixture of experts" if p.moe is not None else None,
         local_models=[ref for ref, m in p.models.items() if _revision(m.directory) is None],
     )
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
+def _gates(
+    p: Plan, progress: bool, warn: Callable[[str], None] | None, info: Callable[[str], None] | None
+) -> dict[str, torch.Tensor] | None:
+    """An MoE plan's computed tensors (router gates); the report goes to ``info`` and the
+    model card, the warnings to ``warn``."""
+    if p.moe is None:
+        return None
+    from merge.moe.gates import gate_tensors
+
+    tensors, report, warnings = gate_tensors(p, progress=progress and sys.stderr.isatty())
+    p.moe.report = report
+    if warn is not None:
+        for w in warnings:
+            warn(w)
+    if info is not None:
+        for line in report:
+            info(line)
+    return tensors
+
+
 def run(
-    recipe: str | Path | Recipe,
+    recipe: str | Path | Recipe | MoeRecipe,
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
@@ -129,16 +173,19 @@ def run(
     shard_size: str | int = "5GB",
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
+    info: Callable[[str], None] | None = None,
 ) -> Path:
-    """Merge: plan, check the output location, stream every tensor, then finalize atomically."""
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    """Merge: plan, check the output location, stream every tensor, then finalize atomically.
+    ``warn`` gets each warning, ``info`` each line of an MoE's routing report."""
+    rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
     with planned(rec, seed=seed, shard_size=shard_size) as p:
         if warn is not None:
             for w in p.warnings:
                 warn(w)
         _check_output(p, target, overwrite)
+        computed = _gates(p, progress, warn, info)
         with AtomicOutput(target, overwrite) as tmp:
-            execute(p, tmp, progress=progress)
+            execute(p, tmp, progress=progress, computed=computed)
             write_extras(p, tmp)
     return target

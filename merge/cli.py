@@ -117,6 +117,7 @@ def run(
             shard_size=out_shard_size,
             progress=not quiet,
             warn=None if quiet else lambda w: _warn([w], quiet),
+            info=None if quiet else lambda line: typer.echo(line, err=True),
         )
 
     start = time.perf_counter()

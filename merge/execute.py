@@ -12,6 +12,10 @@ Jobs run one at a time in plan order (the order of the shards), so memory holds 
 tensors: the bound ``Plan.peak_bytes`` reports. Each random job gets its own generator seeded
 from (seed, output tensor name), so results do not depend on order or thread count.
 
+MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (seeded by the
+output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
+ready-made in ``computed`` (name -> float32 tensor) and only casts.
+
 What it does not do yet: parallel jobs and GPU math (the performance issue adds them behind
 this same function).
 """
@@ -19,7 +23,7 @@ this same function).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -80,11 +84,33 @@ def _read_with_base(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], tor
     return tensors, base
 
 
-def run_job(plan: Plan, job: TensorJob, trim: GlobalTrim | None = None) -> torch.Tensor:
+def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
+    """A copied tensor, with an MoE expert's noise and scale applied in float32."""
+    tensor = _read(plan, job.inputs[0].model, job.inputs[0].name)
+    if job.noise == 0.0 and job.scale == 1.0:
+        return tensor.to(job.dtype)
+    out = tensor.to(torch.float32)
+    if job.noise:
+        gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
+        out = out + torch.randn(out.shape, generator=gen) * job.noise
+    return (out * job.scale).to(job.dtype)
+
+
+def run_job(
+    plan: Plan,
+    job: TensorJob,
+    trim: GlobalTrim | None = None,
+    computed: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The output tensor of one job, in its output dtype. Jobs with global trimming take
-    their thresholds from ``trim`` and must come in plan order."""
+    their thresholds from ``trim`` and must come in plan order; ``computed`` jobs take their
+    tensor from ``computed``."""
+    if job.computed is not None:
+        if computed is None or job.name not in computed:
+            raise RuntimeError(f"'{job.name}': computed tensor was not provided")
+        return computed[job.name].to(job.dtype)
     if job.copy:
-        return _read(plan, job.inputs[0].model, job.inputs[0].name).to(job.dtype)
+        return _copy(plan, job)
     tensors, base = read_inputs(plan, job)
     params = job.params
     if trim is not None and base is not None and job.params.get("trim") == "global":
@@ -119,8 +145,15 @@ def _trim_pass(plan: Plan, show: bool) -> GlobalTrim | None:
             bar.close()
 
 
-def execute(plan: Plan, directory: Path, *, progress: bool = True) -> None:
-    """Write every output tensor of ``plan`` as safetensors shards into ``directory``."""
+def execute(
+    plan: Plan,
+    directory: Path,
+    *,
+    progress: bool = True,
+    computed: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write every output tensor of ``plan`` as safetensors shards into ``directory``
+    (``computed``: the tensors of the plan's computed jobs, by name)."""
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
     show = progress and sys.stderr.isatty()
     trim = _trim_pass(plan, show)
@@ -134,5 +167,5 @@ def execute(plan: Plan, directory: Path, *, progress: bool = True) -> None:
     )
     with ShardWriter(directory, plan.shards, metadata) as writer, bar:
         for job in plan.jobs:
-            writer.write(job.name, run_job(plan, job, trim))
+            writer.write(job.name, run_job(plan, job, trim, computed))
             bar.update(job.numel * job.dtype.itemsize)

@@ -16,6 +16,8 @@ from merge.methods import Method
 from merge.writer import ShardPlan
 
 if TYPE_CHECKING:  # pragma: no cover
+    from merge.moe.layout import MoeLayout
+    from merge.moe.recipe import MoeRecipe
     from merge.recipe import Recipe
     from merge.sourceset import Model
     from merge.vocab import Alignment, VocabPlan
@@ -45,7 +47,13 @@ class VocabAlign:
 @dataclass
 class TensorJob:
     """How one output tensor is made (``inputs`` keep their own shapes when ``vocab`` is
-    set; ``shape`` is the output's)."""
+    set; ``shape`` is the output's).
+
+    ``copy`` jobs read their one input and cast it; an MoE expert's copy may first get seeded
+    Gaussian noise of std ``noise`` and a factor ``scale`` (mergekit-moe's ``noise_scale`` and
+    ``residual_scale``). ``computed`` jobs have no inputs: their tensor is computed after
+    planning (MoE gates) and handed to the executor by name; the string says how, for
+    ``merge plan``."""
 
     name: str
     shape: tuple[int, ...]
@@ -56,6 +64,9 @@ class TensorJob:
     layer: int | None
     copy: bool = False
     vocab: VocabAlign | None = None
+    computed: str | None = None
+    noise: float = 0.0
+    scale: float = 1.0
 
     @property
     def numel(self) -> int:
@@ -69,7 +80,7 @@ class TensorJob:
 class Plan:
     """Everything a run needs, decided before any tensor data is read."""
 
-    recipe: Recipe
+    recipe: Recipe | MoeRecipe
     method: Method
     models: dict[str, Model]
     jobs: list[TensorJob]
@@ -82,6 +93,20 @@ class Plan:
     peak_bytes: int
     warnings: list[str] = field(default_factory=list)
     vocab: VocabPlan | None = None
+    moe: MoeLayout | None = None
+
+
+def stored_dtype(checkpoint: Any) -> str:
+    """The dtype a model is stored in: its config's ``dtype``/``torch_dtype``, else its first
+    floating tensor's, else float32 (the output dtype when a recipe names none)."""
+    for key in ("dtype", "torch_dtype"):
+        if checkpoint.config.get(key) in DTYPES:
+            return str(checkpoint.config[key])
+    for info in checkpoint.tensors.values():
+        for name, dt in DTYPES.items():
+            if info.dtype == dt:
+                return name
+    return "float32"
 
 
 def tensor_seed(seed: int, name: str) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from merge import architecture as arch
 from merge.errors import PlanError
-from merge.jobs import DEFAULT_SEED, DTYPES, Input, Plan, TensorJob
+from merge.jobs import DEFAULT_SEED, DTYPES, Input, Plan, TensorJob, stored_dtype
 from merge.memory import peak_memory
 from merge.methods import REQUIRED, Method
 from merge.recipe import Recipe, SliceSpec, Source, lookup
@@ -311,17 +311,7 @@ def _config_donor(recipe: Recipe) -> str:
 
 
 def _out_dtype(recipe: Recipe, donor: Model) -> str:
-    if recipe.out_dtype:
-        return recipe.out_dtype
-    cfg = donor.checkpoint.config
-    for key in ("dtype", "torch_dtype"):
-        if cfg.get(key) in DTYPES:
-            return str(cfg[key])
-    for info in donor.checkpoint.tensors.values():
-        for name, dt in DTYPES.items():
-            if info.dtype == dt:
-                return name
-    return "float32"
+    return recipe.out_dtype or stored_dtype(donor.checkpoint)
 
 
 def _tokenizer_donor(recipe: Recipe, donor: str) -> str:

@@ -52,6 +52,8 @@ def summary(p: Plan) -> list[str]:
     ]
     if p.vocab is not None:
         lines.append(vocab_line(p))
+    if p.moe is not None:
+        lines.append(moe_line(p))
     trimmed = global_jobs(p.jobs)
     if trimmed:
         lines.append(
@@ -59,6 +61,20 @@ def summary(p: Plan) -> list[str]:
             "statistics passes over the inputs before the merge)"
         )
     return lines
+
+
+def moe_line(p: Plan) -> str:
+    """The MoE's family, experts and router."""
+    lay = p.moe
+    assert lay is not None
+    fam = lay.family
+    shared = ""
+    if lay.shared is not None:
+        shared = " + 1 shared expert" + (" (gated)" if fam.shared_gate else " (always on)")
+    return (
+        f"moe: {fam.title} ({fam.architecture}), {len(lay.experts)} experts{shared}, "
+        f"{lay.experts_per_token} per token, gate_mode {lay.gate_mode}, {lay.num_layers} layers"
+    )
 
 
 def vocab_line(p: Plan) -> str:
@@ -87,6 +103,10 @@ def plan_text(p: Plan) -> str:
             role.append("config")
         if ref == p.tokenizer_donor:
             role.append("tokenizer")
+        if p.moe is not None:
+            role += [f"expert {i}" for i, e in enumerate(p.moe.experts) if e.model == ref]
+            if p.moe.shared is not None and p.moe.shared.model == ref:
+                role.append("shared expert")
         extra = f" ({', '.join(role)})" if role else ""
         lines.append(f"  {alias} = {ref}{extra}  [{p.models[ref].directory}]")
     lines.append("shards:")
@@ -102,8 +122,14 @@ def plan_text(p: Plan) -> str:
 
 def job_line(aliases: dict[str, str], job: TensorJob) -> str:
     shape = "x".join(str(d) for d in job.shape) or "scalar"
-    if job.copy:
+    if job.computed is not None:
+        how = job.computed
+    elif job.copy:
         how = f"copy {_source(aliases, job, job.inputs[0])}"
+        if job.noise:
+            how += f" + noise {_fmt(job.noise)}"
+        if job.scale != 1.0:
+            how += f" * {_fmt(job.scale)}"
     else:
         srcs = " ".join(_source(aliases, job, i) for i in job.inputs)
         base = f" base={_source(aliases, job, job.base)}" if job.base else ""
@@ -138,10 +164,29 @@ def plan_json(p: Plan) -> dict[str, Any]:
                 "params": j.params,
                 "copy": j.copy,
                 "vocab_aligned": j.vocab is not None,
+                "computed": j.computed,
+                "noise": j.noise,
+                "scale": j.scale,
             }
             for j in p.jobs
         ],
         "vocab": _vocab_json(p),
+        "moe": _moe_json(p),
+    }
+
+
+def _moe_json(p: Plan) -> dict[str, Any] | None:
+    lay = p.moe
+    if lay is None:
+        return None
+    return {
+        "family": lay.family.name,
+        "architecture": lay.family.architecture,
+        "gate_mode": lay.gate_mode,
+        "experts_per_token": lay.experts_per_token,
+        "experts": [e.model for e in lay.experts],
+        "shared_expert": lay.shared.model if lay.shared else None,
+        "layers": lay.num_layers,
     }
 
 

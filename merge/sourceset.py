@@ -15,11 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge.checkpoint import Checkpoint
 from merge.errors import MergeError, SourceError
 from merge.lora import LoraCheckpoint
 from merge.recipe import Recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from merge.moe.recipe import MoeRecipe
 from merge.sources import ModelRef, resolve_pair
 
 
@@ -33,7 +37,7 @@ class Model:
     adapter: Path | None = None
 
 
-def open_models(recipe: Recipe) -> dict[str, Model]:
+def open_models(recipe: Recipe | MoeRecipe) -> dict[str, Model]:
     """Resolve and open every model of the recipe (headers only)."""
     paths = recipe.ref_paths()
     models: dict[str, Model] = {}

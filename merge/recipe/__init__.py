@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge.recipe.model import Recipe, SliceSpec, Source
 from merge.recipe.params import Gradient, ParamValue, Rule, lookup
 from merge.recipe.validate import build_recipe
 from merge.recipe.yamlsrc import Locator, format_path, load_yaml, parse_yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from merge.moe.recipe import MoeRecipe
 
 __all__ = [
     "Gradient",
@@ -24,14 +28,15 @@ __all__ = [
 ]
 
 
-def parse_recipe(text: str, file: str = "recipe.yaml") -> Recipe:
+def parse_recipe(text: str, file: str = "recipe.yaml") -> Recipe | MoeRecipe:
     """Parse and check recipe text (``file`` is used in messages and to resolve paths)."""
     data, loc = parse_yaml(text, file)
     return build_recipe(data, loc, text, Path(file))
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, parse and check a recipe file; raises RecipeError listing every problem."""
+def load_recipe(path: str | Path) -> Recipe | MoeRecipe:
+    """Read, parse and check a recipe file (a merge or an MoE recipe); raises RecipeError
+    listing every problem."""
     path = Path(path)
     data, loc, text = load_yaml(path)
     return build_recipe(data, loc, text, path)

@@ -24,6 +24,9 @@ from merge.recipe.params import parse_value
 from merge.recipe.schema import RecipeSchema
 from merge.recipe.yamlsrc import Locator, PathKey
 
+if typing.TYPE_CHECKING:  # pragma: no cover
+    from merge.moe.recipe import MoeRecipe
+
 CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral")
 MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts")
 
@@ -49,9 +52,9 @@ def _unwrap(ann: Any) -> Any:
             return ann
 
 
-def _fields_at(loc: Sequence[str | int]) -> list[str]:
+def _fields_at(loc: Sequence[str | int], root: Any = RecipeSchema) -> list[str]:
     """Allowed keys of the schema object at ``loc`` (for did-you-mean on unknown keys)."""
-    ann: Any = RecipeSchema
+    ann: Any = root
     for part in loc:
         ann = _unwrap(ann)
         origin = typing.get_origin(ann)
@@ -71,12 +74,12 @@ def _fields_at(loc: Sequence[str | int]) -> list[str]:
     return []
 
 
-def _pydantic_problem(err: Any, loc: Locator) -> str:
+def _pydantic_problem(err: Any, loc: Locator, root: Any = RecipeSchema) -> str:
     path = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         return loc.error(
-            path, "unknown key; " + _did_you_mean(str(path[-1]), _fields_at(path[:-1]))
+            path, "unknown key; " + _did_you_mean(str(path[-1]), _fields_at(path[:-1], root))
         )
     if kind == "missing":
         return loc.error(path, "required key is missing")
@@ -315,8 +318,9 @@ def _check_extras(schema: RecipeSchema, loc: Locator, problems: list[str]) -> No
         )
 
 
-def build_recipe(data: Any, loc: Locator, text: str, file: Path) -> Recipe:
-    """Validate parsed YAML against the schema and the chosen method; raise all problems."""
+def build_recipe(data: Any, loc: Locator, text: str, file: Path) -> Recipe | MoeRecipe:
+    """Validate parsed YAML against the schema and the chosen method; raise all problems.
+    A mergekit-moe recipe (``experts:`` without ``merge_method``) becomes a ``MoeRecipe``."""
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise RecipeError(
@@ -324,10 +328,9 @@ def build_recipe(data: Any, loc: Locator, text: str, file: Path) -> Recipe:
             f"models or slices, ...), got {kind}"
         )
     if any(k in data for k in MOE_KEYS) and "merge_method" not in data:
-        raise RecipeError(
-            f"{loc.file}: this is a mixture-of-experts recipe (experts:); "
-            "MoE assembly is not supported by this release of merge"
-        )
+        from merge.moe.recipe import build_moe_recipe
+
+        return build_moe_recipe(data, loc, text, file)
     try:
         schema = RecipeSchema.model_validate(data)
     except ValidationError as e:
