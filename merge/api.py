@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 from merge import __version__
 from merge.card import model_card
 from merge.errors import OutputError
-from merge.execute import execute
+from merge.execute import Resources, execute
 from merge.jobs import Plan
+from merge.memory import MemoryPlan, memory_plan
 from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
@@ -70,6 +71,11 @@ def plan(recipe: str | Path | Recipe | MoeRecipe, **kwargs: object) -> Plan:
     """The checked plan of a recipe (reads headers only)."""
     with planned(recipe, **kwargs) as p:  # type: ignore[arg-type]
         return p
+
+
+def memory(p: Plan, resources: Resources) -> MemoryPlan:
+    """The memory schedule of ``p`` under ``resources``: budget, worst case, tensors over it."""
+    return memory_plan(p.jobs, p.models, p.method, resources.budget, resources.threads)
 
 
 def default_output(recipe_file: Path) -> Path:
@@ -174,18 +180,24 @@ def run(
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
     info: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    max_memory: str | int | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Merge: plan, check the output location, stream every tensor, then finalize atomically.
-    ``warn`` gets each warning, ``info`` each line of an MoE's routing report."""
+    ``warn`` gets each warning, ``info`` each line of an MoE's routing report. ``threads``
+    (default: every available core), ``max_memory`` (default: half the available RAM) and
+    ``device`` (``cpu`` or ``cuda``) change speed and memory, never the output."""
+    resources = Resources.resolve(threads, max_memory, device)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
     with planned(rec, seed=seed, shard_size=shard_size) as p:
         if warn is not None:
-            for w in p.warnings:
+            for w in [*p.warnings, *memory(p, resources).warnings()]:
                 warn(w)
         _check_output(p, target, overwrite)
         computed = _gates(p, progress, warn, info)
         with AtomicOutput(target, overwrite) as tmp:
-            execute(p, tmp, progress=progress, computed=computed)
+            execute(p, tmp, progress=progress, computed=computed, resources=resources)
             write_extras(p, tmp)
     return target

@@ -40,6 +40,25 @@ ShardOpt = Annotated[
     str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="Tensors merged at once (default: the cores available). Never changes the output.",
+        show_default=False,
+    ),
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Budget for tensor data in flight, e.g. 8GB (default: half the available RAM).",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where the method math runs: cpu, cuda or cuda:N.")
+]
 
 
 def _fail(problems: list[str]) -> None:
@@ -102,12 +121,17 @@ def run(
     ] = False,
     seed: SeedOpt = None,
     out_shard_size: ShardOpt = "5GB",
+    threads: ThreadsOpt = None,
+    max_memory: MemoryOpt = None,
+    device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the models of RECIPE into OUT."""
     from merge import api
+    from merge.execute import Resources
 
     def go() -> Path:
+        Resources.resolve(threads, max_memory, device)  # bad options before recipe problems
         rec = api.load_recipe(recipe)
         return api.run(
             rec,
@@ -118,6 +142,9 @@ def run(
             progress=not quiet,
             warn=None if quiet else lambda w: _warn([w], quiet),
             info=None if quiet else lambda line: typer.echo(line, err=True),
+            threads=threads,
+            max_memory=max_memory,
+            device=device,
         )
 
     start = time.perf_counter()
@@ -148,17 +175,25 @@ def plan(
     recipe: RecipeArg,
     seed: SeedOpt = None,
     out_shard_size: ShardOpt = "5GB",
+    threads: ThreadsOpt = None,
+    max_memory: MemoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Print every output tensor of RECIPE with its sources, method and parameters."""
+    """Print every output tensor of RECIPE with its sources, method and parameters, and the
+    expected peak memory under the budget."""
     from merge import api
+    from merge.execute import Resources
     from merge.report import plan_json, plan_text
 
     def go() -> Any:
+        resources = Resources.resolve(threads, max_memory)
         p = api.plan(recipe, seed=seed, shard_size=out_shard_size)
-        _warn(p.warnings, quiet)
-        return json.dumps(plan_json(p), indent=2) if as_json else plan_text(p)
+        mem = api.memory(p, resources)
+        _warn([*p.warnings, *mem.warnings()], quiet)
+        if as_json:
+            return json.dumps({**plan_json(p), "memory": mem.as_json()}, indent=2)
+        return plan_text(p) + "\n" + mem.line()
 
     typer.echo(_guard(go))
 

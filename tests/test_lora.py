@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -251,17 +252,20 @@ def test_two_adapters_on_one_base_stream(
     ad2 = make_adapter(tmp_path / "ad2", llama_base, seed=2, target_modules=["o_proj", "q_proj"])
     inputs = {d: digest(d) for d in (llama_base, ad1, ad2)}
     cache = digest(hf_offline)
-    events: list[tuple[str, str]] = []
+    by_thread: dict[int, list[tuple[str, str]]] = {}  # jobs run in parallel worker threads
     base_read, lora_read = Checkpoint.read, LoraCheckpoint.read
 
+    def event(kind: str, name: str) -> None:
+        by_thread.setdefault(threading.get_ident(), []).append((kind, name))
+
     def spy_base(self: Checkpoint, name: str) -> torch.Tensor:
-        events.append(("base", name))
+        event("base", name)
         return base_read(self, name)
 
     def spy_lora(self: LoraCheckpoint, name: str) -> torch.Tensor:
-        events.append(("lora", name))
+        event("lora", name)
         tensor = lora_read(self, name)
-        events.append(("end", name))
+        event("end", name)
         return tensor
 
     monkeypatch.setattr(Checkpoint, "read", spy_base)
@@ -277,7 +281,8 @@ def test_two_adapters_on_one_base_stream(
     }
     out = run(tmp_path, recipe)
     monkeypatch.undo()
-    # Every LoRA read is exactly one read of that same base tensor.
+    # Every LoRA read is exactly one read of that same base tensor (in its thread).
+    events = [e for thread in by_thread.values() for e in thread]
     starts = [i for i, e in enumerate(events) if e[0] == "lora"]
     assert len(starts) == 2 * len(load_state(llama_base))
     for i in starts:
