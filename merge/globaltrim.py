@@ -37,12 +37,17 @@ import torch
 from torch import Tensor
 
 from merge.jobs import TensorJob
+from merge.methods.radix import (
+    HIGH_BINS,
+    LOW_BINS,
+    LOW_BITS,
+    high_bin,
+    magnitude_bits,
+    threshold_of,
+)
 
-__all__ = ["GlobalTrim", "ModelCut", "global_jobs", "magnitude_bits"]
+__all__ = ["GlobalTrim", "ModelCut", "delta_bits", "global_jobs"]
 
-HIGH_BINS = 1 << 16  # top 16 bits of the 31 magnitude bits
-LOW_BITS = 15
-LOW_BINS = 1 << LOW_BITS
 
 ReadJob = Callable[[TensorJob], tuple[list[Tensor], Tensor]]
 
@@ -52,9 +57,9 @@ def global_jobs(jobs: Iterable[TensorJob]) -> list[TensorJob]:
     return [j for j in jobs if not j.copy and j.params.get("trim") == "global"]
 
 
-def magnitude_bits(x: Tensor, base: Tensor) -> Tensor:
+def delta_bits(x: Tensor, base: Tensor) -> Tensor:
     """``|x - b|`` in float32, viewed as int32 bit patterns (ordered like the values)."""
-    return (x - base).abs_().reshape(-1).view(torch.int32)
+    return magnitude_bits(x - base)
 
 
 @dataclass
@@ -66,15 +71,6 @@ class ModelCut:
     total: int
     threshold: float
     equal_left: int
-
-
-def _high_bin(hist: Tensor, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest value, entries in higher bins), counting from the top."""
-    from_top = torch.flip(hist, [0]).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
-    b = hist.numel() - 1 - idx
-    above = int(from_top[idx - 1].item()) if idx > 0 else 0
-    return b, above
 
 
 class GlobalTrim:
@@ -98,7 +94,7 @@ class GlobalTrim:
         for job in jobs:
             tensors, base = read_job(job)
             for inp, x, density in zip(job.inputs, tensors, job.params["density"], strict=True):
-                bits = magnitude_bits(x, base)
+                bits = delta_bits(x, base)
                 h = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
                 hist[inp.model] = hist[inp.model] + h if inp.model in hist else h
                 budget[inp.model] = budget.get(inp.model, 0) + int(float(density) * job.numel)
@@ -114,7 +110,7 @@ class GlobalTrim:
             elif k >= total[m]:
                 cuts[m] = ModelCut(k, total[m], -1.0, 0)
             else:
-                b, above = _high_bin(h, k)
+                b, above = high_bin(h, k)
                 pending[m] = (b, k - above)
         if pending:
             cuts.update(cls._refine(jobs, read_job, pending, budget, total, progress))
@@ -138,16 +134,15 @@ class GlobalTrim:
             for inp, x in zip(job.inputs, tensors, strict=True):
                 if inp.model not in pending:
                     continue
-                bits = magnitude_bits(x, base)
+                bits = delta_bits(x, base)
                 inside = bits[(bits >> LOW_BITS) == pending[inp.model][0]]
                 low[inp.model] += torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
             if step:
                 step(job)
         cuts = {}
         for m, (b, need) in pending.items():
-            t, above = _high_bin(low[m], need)
-            pattern = torch.tensor([(b << LOW_BITS) | t], dtype=torch.int32)
-            threshold = float(pattern.view(torch.float32).item())
+            t, above = high_bin(low[m], need)
+            threshold = threshold_of(b, t)
             cuts[m] = ModelCut(budget[m], total[m], threshold, need - above)
         return cuts
 

@@ -53,6 +53,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from merge.methods.radix import kth_largest, magnitude_bits
+
 __all__ = [
     "SPARSIFIERS",
     "Pruned",
@@ -91,14 +93,17 @@ Sparsifier = Callable[[Tensor, Mapping[str, Any], "torch.Generator | None"], Pru
 
 
 def magnitude_mask(d: Tensor, density: float) -> Tensor:
-    """Bool mask of exactly ``k = int(density * numel)`` entries with the largest ``|d|``."""
+    """Bool mask of exactly ``k = int(density * numel)`` entries with the largest ``|d|``: the
+    exact k-th largest by radix select (``merge.methods.radix``), entries equal to it kept in
+    flattened order until there are k."""
     n = d.numel()
     k = min(int(density * n), n)
-    mask = torch.zeros(n, dtype=torch.bool, device=d.device)
-    if k > 0:
-        top = torch.topk(d.reshape(-1).abs(), k, sorted=False).indices
-        mask[top] = True
-    return mask.reshape(d.shape)
+    if k == 0:
+        return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
+    if k == n:
+        return torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    threshold, equal = kth_largest(magnitude_bits(d), k)
+    return threshold_mask(d, threshold, equal)
 
 
 def threshold_mask(d: Tensor, threshold: float, equal: int) -> Tensor:
