@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -229,7 +229,46 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
 # --- the checkpoint --------------------------------------------------------------------------
 
 
-class Checkpoint:
+_S = TypeVar("_S", bound="TensorSource")
+
+
+class TensorSource:
+    """What the planner and executor need of an input model: ``config``, ``tensors`` (headers)
+    and ``read``; layer counts and the context manager are derived here once for every kind
+    (a plain ``Checkpoint``, a ``merge.lora.LoraCheckpoint``)."""
+
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+    def read(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int | None:
+        """Layer count from the config (also a nested ``text_config``), or None."""
+        return arch.num_layers(self.config)
+
+    @property
+    def layer_count(self) -> int:
+        """Layer count from the config, else from the tensor names."""
+        return arch.num_layers(self.config) or arch.count_layers(self.tensors)
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Checkpoint(TensorSource):
     """One model folder: config, tensor headers, and lazy per-tensor reads."""
 
     def __init__(
@@ -296,32 +335,11 @@ class Checkpoint:
                 handle = self._handles[file] = safe_open(str(file), framework="pt")
             return handle
 
-    @property
-    def num_layers(self) -> int | None:
-        """Layer count from the config (also a nested ``text_config``), or None."""
-        return arch.num_layers(self.config)
-
-    @property
-    def layer_count(self) -> int:
-        """Layer count from the config, else from the tensor names."""
-        return arch.num_layers(self.config) or arch.count_layers(self.tensors)
-
     def close(self) -> None:
         """Drop file handles and mapped .bin tensors."""
         with self._lock:
             self._handles.clear()
         self._bin = {}
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {self.format}, {len(self.tensors)} tensors)"

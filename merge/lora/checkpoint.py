@@ -8,17 +8,15 @@ It holds the adapter's small tensors and reads at most one base tensor per ``rea
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
-from merge import architecture as arch
-from merge.checkpoint import Checkpoint
+from merge.checkpoint import Checkpoint, TensorSource
 from merge.errors import CheckpointError
 from merge.lora.adapter import Adapter, read_adapter
 
 
-class LoraCheckpoint:
+class LoraCheckpoint(TensorSource):
     """A base ``Checkpoint`` read through an adapter; same interface as ``Checkpoint``."""
 
     def __init__(self, base: Checkpoint, adapter: Adapter, label: str) -> None:
@@ -61,27 +59,8 @@ class LoraCheckpoint:
             weight = replacement.to(torch.float32, copy=True)
         return weight if pair is None else weight + pair.delta()
 
-    @property
-    def num_layers(self) -> int | None:
-        return arch.num_layers(self.config)
-
-    @property
-    def layer_count(self) -> int:
-        return self.base.layer_count
-
     def close(self) -> None:
         self.base.close()
-
-    def __enter__(self) -> LoraCheckpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
