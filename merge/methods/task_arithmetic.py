@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from merge.methods import sparsify
+from merge.methods.base import MethodFn
 from merge.methods.sparsify import Sparsifier
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "linear_merge",
     "merge_task_vectors",
     "per_model",
+    "pipeline",
     "task_arithmetic",
     "ties",
     "weighted_task_vectors",
@@ -145,6 +147,8 @@ def merge_task_vectors(
     """Run the steps: task vectors -> sparsify -> weight -> sign consensus -> combine."""
     if base is None:
         raise ValueError("task-vector methods need a base tensor, got None")
+    if params.get("trim") == "global" and "trim_threshold" not in params:
+        raise ValueError("ties with trim: global needs the thresholds of merge.globaltrim")
     weights = params["weight"]
     weighted = weighted_task_vectors(tensors, base, params, sparsifier, rng)
     if consensus:
@@ -155,71 +159,60 @@ def merge_task_vectors(
     return combined.mul_(float(params["lambda"])).add_(base)
 
 
-def task_arithmetic(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """``b + lambda * sum w_i d_i`` (divided by ``sum w_i`` if normalize)."""
-    return merge_task_vectors(tensors, base, params, rng, sparsifier=None, consensus=False)
+def pipeline(sparsifier: Sparsifier | None, consensus: bool, name: str, doc: str) -> MethodFn:
+    """The method function that runs ``merge_task_vectors`` with one sparsifier and consensus
+    choice: every family member is one of these, none has its own copy of the steps."""
+
+    def fn(
+        tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
+    ) -> Tensor:
+        return merge_task_vectors(
+            tensors, base, params, rng, sparsifier=sparsifier, consensus=consensus
+        )
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
 
 
-def ties(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Magnitude top-k per model (per tensor, or over the whole model with ``trim: global``:
-    the executor then adds each model's ``trim_threshold``/``trim_equal``), then sign consensus
-    and disjoint (normalized) merge."""
-    if params.get("trim") == "global" and "trim_threshold" not in params:
-        raise ValueError("ties with trim: global needs the thresholds of merge.globaltrim")
-    return merge_task_vectors(
-        tensors, base, params, rng, sparsifier=sparsify.magnitude, consensus=True
-    )
-
-
-def dare_linear(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any
-) -> Tensor:
-    """Bernoulli(density) keep mask per model, rescale: ``b + lambda sum w_i e_i``."""
-    return merge_task_vectors(
-        tensors, base, params, rng, sparsifier=sparsify.bernoulli, consensus=False
-    )
-
-
-def dare_ties(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any
-) -> Tensor:
-    """Bernoulli(density) keep mask per model, rescale, then TIES sign consensus."""
-    return merge_task_vectors(
-        tensors, base, params, rng, sparsifier=sparsify.bernoulli, consensus=True
-    )
-
-
-def breadcrumbs(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Drop each task vector's largest (gamma) and smallest entries, add the weighted sum."""
-    return merge_task_vectors(
-        tensors, base, params, rng, sparsifier=sparsify.breadcrumbs, consensus=False
-    )
-
-
-def breadcrumbs_ties(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Breadcrumbs' band of magnitudes per model, then TIES sign consensus."""
-    return merge_task_vectors(
-        tensors, base, params, rng, sparsifier=sparsify.breadcrumbs, consensus=True
-    )
-
-
-def della_linear(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any
-) -> Tensor:
-    """Keep entries with rank-based probabilities (MagPrune), rescale, add the weighted sum."""
-    return merge_task_vectors(
-        tensors, base, params, rng, sparsifier=sparsify.della, consensus=False
-    )
-
-
-def della(tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any) -> Tensor:
-    """MagPrune keep mask per model, rescale, then TIES sign consensus."""
-    return merge_task_vectors(tensors, base, params, rng, sparsifier=sparsify.della, consensus=True)
+task_arithmetic = pipeline(
+    None,
+    False,
+    "task_arithmetic",
+    "``b + lambda * sum w_i d_i`` (divided by ``sum w_i`` if normalize).",
+)
+ties = pipeline(
+    sparsify.magnitude,
+    True,
+    "ties",
+    "Magnitude top-k per model (per tensor, or over the whole model with ``trim: global``: the "
+    "executor then adds each model's ``trim_threshold``/``trim_equal``), then sign consensus "
+    "and disjoint (normalized) merge.",
+)
+dare_linear = pipeline(
+    sparsify.bernoulli, False, "dare_linear", "Bernoulli(density) keep mask, rescale, weighted sum."
+)
+dare_ties = pipeline(
+    sparsify.bernoulli, True, "dare_ties", "Bernoulli(density) keep mask, rescale, sign consensus."
+)
+breadcrumbs = pipeline(
+    sparsify.breadcrumbs,
+    False,
+    "breadcrumbs",
+    "Drop each task vector's largest (gamma) and smallest entries, add the weighted sum.",
+)
+breadcrumbs_ties = pipeline(
+    sparsify.breadcrumbs,
+    True,
+    "breadcrumbs_ties",
+    "Breadcrumbs' band of magnitudes per model, then TIES sign consensus.",
+)
+della_linear = pipeline(
+    sparsify.della,
+    False,
+    "della_linear",
+    "Keep entries with rank-based probabilities (MagPrune), rescale, add the weighted sum.",
+)
+della = pipeline(
+    sparsify.della, True, "della", "MagPrune keep mask per model, rescale, then sign consensus."
+)
