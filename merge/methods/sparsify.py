@@ -53,7 +53,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from merge.methods.radix import kth_largest, magnitude_bits
+from merge.methods.radix import kth_largest
 
 __all__ = [
     "SPARSIFIERS",
@@ -102,14 +102,18 @@ def magnitude_mask(d: Tensor, density: float) -> Tensor:
         return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
     if k == n:
         return torch.ones(d.shape, dtype=torch.bool, device=d.device)
-    threshold, equal = kth_largest(magnitude_bits(d), k)
-    return threshold_mask(d, threshold, equal)
+    mags = d.to(torch.float32).abs()  # one |d| for both the select and the mask
+    threshold, equal = kth_largest(mags.reshape(-1).view(torch.int32), k)
+    return threshold_mask(d, threshold, equal, mags=mags)
 
 
-def threshold_mask(d: Tensor, threshold: float, equal: int) -> Tensor:
+def threshold_mask(
+    d: Tensor, threshold: float, equal: int, *, mags: Tensor | None = None
+) -> Tensor:
     """Bool mask of ``|d| > threshold`` plus the first ``equal`` entries (flattened order) with
-    ``|d| == threshold``: the per-tensor share of a whole-model top-k (``merge.globaltrim``)."""
-    mags = d.abs()
+    ``|d| == threshold``: the per-tensor share of a whole-model top-k (``merge.globaltrim``).
+    ``mags``: ``|d|`` if the caller already has it."""
+    mags = d.abs() if mags is None else mags
     mask = mags > threshold
     if equal > 0:
         ties = (mags == threshold).reshape(-1)
