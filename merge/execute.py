@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from merge.errors import CheckpointError, MergeError
-from merge.globaltrim import GlobalTrim, global_jobs
+from merge.globaltrim import GlobalTrim, global_jobs, trims_globally
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
     DEFAULT_FRACTION,
@@ -171,7 +171,7 @@ def run_job(
         else:
             tensors, base = read_inputs(plan, job)
         params = job.params
-        if trim is not None and base is not None and job.params.get("trim") == "global":
+        if trim is not None and base is not None and trims_globally(job):
             with turn():
                 params = trim.job_params(job, tensors, base)
         out = _apply(plan, job, tensors, base, params).to(job.dtype)
@@ -282,7 +282,7 @@ def execute(
     work = _worker(plan, trim, computed, mover, seq)
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
     out_bytes = [j.numel * j.dtype.itemsize for j in plan.jobs]
-    pinned = [j.params.get("trim") == "global" for j in plan.jobs]
+    pinned = [trims_globally(j) for j in plan.jobs]
     numels = [j.numel for j in plan.jobs]
     first = hoisted(numels, peaks, out_bytes, res.budget, res.threads, pinned)
     bar = tqdm(

@@ -46,7 +46,7 @@ from merge.methods.radix import (
     threshold_of,
 )
 
-__all__ = ["GlobalTrim", "ModelCut", "delta_bits", "global_jobs"]
+__all__ = ["GlobalTrim", "ModelCut", "delta_bits", "global_jobs", "trims_globally"]
 
 
 ReadJob = Callable[[TensorJob], tuple[list[Tensor], Tensor]]
@@ -54,7 +54,12 @@ ReadJob = Callable[[TensorJob], tuple[list[Tensor], Tensor]]
 
 def global_jobs(jobs: Iterable[TensorJob]) -> list[TensorJob]:
     """The jobs merged with ``trim: global``, in plan order."""
-    return [j for j in jobs if not j.copy and j.params.get("trim") == "global"]
+    return [j for j in jobs if trims_globally(j)]
+
+
+def trims_globally(job: TensorJob) -> bool:
+    """Whether ``job`` takes part in the whole-model top-k (``trim: global``)."""
+    return not job.copy and job.params.get("trim") == "global"
 
 
 def delta_bits(x: Tensor, base: Tensor) -> Tensor:

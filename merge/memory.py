@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from merge.globaltrim import trims_globally
 from merge.jobs import TensorJob
 from merge.methods import Method
 from merge.report import human_bytes as human
@@ -167,7 +168,7 @@ def memory_plan(
     peaks = [job_peak_bytes(j, models, method) for j in jobs]
     over = tuple((j.name, p) for j, p in zip(jobs, peaks, strict=True) if p > budget)
     out = [j.numel * j.dtype.itemsize for j in jobs]
-    pinned = [j.params.get("trim") == "global" for j in jobs]
+    pinned = [trims_globally(j) for j in jobs]
     held = sum(
         out[i] for i in hoisted([j.numel for j in jobs], peaks, out, budget, threads, pinned)
     )
