@@ -8,7 +8,9 @@ touched, so a 70B model opens in milliseconds); for torch ``.bin`` files ``torch
 ``mmap=True`` so the pickle metadata is read and the data stays mapped until used. Everything
 the planner needs (names, shapes, dtypes, sizes, which file) is in ``Checkpoint.tensors``.
 ``Checkpoint.read`` then returns one tensor at a time in its stored dtype on the CPU, through
-``safetensors.safe_open`` handles cached per file.
+``safetensors.safe_open`` handles cached per file; ``Checkpoint.view`` returns it without
+copying, straight from a private memory map of the file (the executor reads tensors chunk by
+chunk through these views, so only page cache backs the inputs).
 
 Every problem found while opening (missing folder, no weights, corrupt or truncated header,
 missing shard, index inconsistent with the shards, bad ``config.json``) is a ``CheckpointError``
@@ -22,6 +24,7 @@ read-only.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import threading
 import zipfile
@@ -69,6 +72,7 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
     nbytes: int
+    offset: int = 0  # where the data starts in ``file`` (safetensors)
 
 
 def _where(label: str, path: Path) -> str:
@@ -137,7 +141,7 @@ def _tensor_info(
             f"{where}: corrupt header: tensor '{name}' has shape {list(shape)} ({nbytes} bytes)"
             f" but offsets [{begin}, {end}]"
         )
-    return TensorInfo(name, shape, dtype, path, nbytes)
+    return TensorInfo(name, shape, dtype, path, nbytes, file_size - data_size + begin)
 
 
 # --- torch .bin ------------------------------------------------------------------------------
@@ -243,6 +247,15 @@ class TensorSource:
     def read(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def view(self, name: str) -> torch.Tensor | None:
+        """The stored tensor without a copy (read-only by contract), or ``None`` where this
+        source can only ``read`` it."""
+        return None
+
+    def can_view(self, name: str) -> bool:
+        """Whether ``view(name)`` gives a tensor (known from headers, without mapping)."""
+        return False
+
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -287,6 +300,7 @@ class Checkpoint(TensorSource):
         self.format: Format = format
         self._bin = bin_tensors or {}
         self._handles: dict[Path, Any] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -326,6 +340,37 @@ class Checkpoint(TensorSource):
             return self._bin[name]
         return self._handle(info.file).get_tensor(name)
 
+    def view(self, name: str) -> torch.Tensor:
+        """The stored tensor, zero-copy: from a private (copy-on-write) map of its safetensors
+        file, or the mapped .bin tensor. Never write to it (a write would only change this
+        process's copy, never the file)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"model '{self.label}' has no tensor '{name}'")
+        if self.format == "bin":
+            return self._bin[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        data = torch.frombuffer(
+            self._map(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset
+        )
+        return data.view(info.dtype).reshape(info.shape)
+
+    def can_view(self, name: str) -> bool:
+        return name in self.tensors
+
+    def _map(self, file: Path) -> mmap.mmap:
+        with self._lock:
+            mapped = self._maps.get(file)
+            if mapped is None:
+                try:
+                    with open(file, "rb") as f:
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{_where(self.label, file)}: cannot map: {e}") from e
+                self._maps[file] = mapped
+            return mapped
+
     def _handle(self, file: Path) -> Any:
         with self._lock:
             handle = self._handles.get(file)
@@ -339,6 +384,7 @@ class Checkpoint(TensorSource):
         """Drop file handles and mapped .bin tensors."""
         with self._lock:
             self._handles.clear()
+            self._maps.clear()  # a map closes once no view holds it
         self._bin = {}
 
     def __repr__(self) -> str:

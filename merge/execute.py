@@ -8,29 +8,36 @@ Jobs merged with ``trim: global`` (TIES over the whole model) first go through t
 passes (``merge.globaltrim``) that find each model's exact magnitude threshold; each job's
 parameters then carry the thresholds.
 
-Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers each reads a job's
-inputs and runs the method, within the ``--max-memory`` budget of estimated bytes in flight
-(``merge.memory``); results reach the writer strictly in plan order. Torch runs one intra-op
-thread per job and each random job gets its own generator seeded from (seed, output tensor
-name), so outputs are bit-identical whatever the thread count or budget. Global trim's
-per-job step takes its turn in plan order. With ``--device cuda`` the inputs are moved to the
-GPU as stored, the method runs there in float32 and the cast result comes back for writing.
+Most jobs are streamed (``merge.memory.streamed``): copies and methods with a chunked form
+(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk from zero-copy
+memory maps and write each cast output chunk straight to its place in the shard, so a job
+holds a few chunk-sized buffers whatever the tensor's size. Other jobs (vocabulary alignment,
+LoRA-updated inputs, methods without a chunked form, MoE noise) read whole tensors and call
+``Method.fn``.
+
+Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
+within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
+intra-op thread per job and each random job gets its own generator seeded from (seed, output
+tensor name), and chunk bounds depend on shapes only, so outputs are bit-identical whatever
+the thread count or budget. Global trim's tie quota is handed out per job before the merge
+(``GlobalTrim.allot``). With ``--device cuda`` the inputs are moved to the GPU as stored, the
+method runs there in float32 on whole tensors and the cast result comes back for writing.
 
 MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (seeded by the
 output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
 ready-made in ``computed`` (name -> float32 tensor) and only casts.
 
-What it does not do: split one tensor into chunks (a tensor over the budget runs alone), or
-run copies, MoE noise and the global-trim statistics passes on the GPU.
+What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
+MoE noise and the global-trim statistics passes on the GPU.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +45,18 @@ import torch
 from tqdm import tqdm
 
 from merge.errors import CheckpointError, MergeError
-from merge.globaltrim import GlobalTrim, global_jobs, trims_globally
+from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
     DEFAULT_FRACTION,
     available_memory,
     default_threads,
-    hoisted,
+    job_order,
     job_peak_bytes,
+    streamed,
 )
-from merge.pipeline import Mover, Sequencer, run_ordered, single_intra_op
+from merge.methods.stream import chunk_bounds, merge_chunks
+from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
 from merge.vocab import align
 from merge.writer import ShardWriter, parse_size
 
@@ -93,11 +102,66 @@ def read_inputs(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.T
     return tensors, base
 
 
-def _read_with_base(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor]:
-    tensors, base = read_inputs(plan, job)
-    if base is None:  # the planner gives every trim job a base
+def _views(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Flat zero-copy views of a streamed job's inputs and base (stored dtype)."""
+
+    def view(model: str, name: str) -> torch.Tensor:
+        try:
+            tensor = plan.models[model].checkpoint.view(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a file that cannot be mapped
+            raise CheckpointError(f"model '{model}': cannot read tensor '{name}': {e}") from None
+        if tensor is None:  # pragma: no cover - merge.memory.streamed checked can_view
+            raise RuntimeError(f"'{name}' of model '{model}' cannot be mapped")
+        return tensor.reshape(-1)
+
+    xs = [view(i.model, i.name) for i in job.inputs]
+    return xs, view(job.base.model, job.base.name) if job.base else None
+
+
+def _chunk_reader(plan: Plan, job: TensorJob) -> Callable[[int, int], Any]:
+    """``read(start, stop)``: float32 chunks of a streamed job's inputs and base."""
+    xs, base = _views(plan, job)
+    f32 = torch.float32
+
+    def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        chunk_base = None if base is None else base[start:stop].to(f32)
+        return [x[start:stop].to(f32) for x in xs], chunk_base
+
+    return read
+
+
+def job_chunks(plan: Plan, job: TensorJob) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """A job's inputs and base as float32 chunks (whole tensors where it cannot stream)."""
+    if streamed(job, plan.models, plan.method):
+        read = _chunk_reader(plan, job)
+        for start, stop in chunk_bounds(job.numel):
+            xs, base = read(start, stop)
+            assert base is not None  # the planner gives every trim job a base
+            yield xs, base
+        return
+    tensors, whole_base = read_inputs(plan, job)
+    if whole_base is None:  # the planner gives every trim job a base
         raise RuntimeError(f"'{job.name}': global trim needs a base tensor")
-    return tensors, base
+    yield tensors, whole_base
+
+
+def _stream_job(plan: Plan, job: TensorJob, params: dict[str, Any], writer: ShardWriter) -> None:
+    """Run a streamed job: chunks from the memory maps, each output chunk to its shard."""
+    if job.copy:
+        (view,), _ = _views(plan, job)
+        for start, stop in chunk_bounds(job.numel):
+            writer.write_part(job.name, start, view[start:stop].to(job.dtype))
+        return
+    stream = plan.method.stream
+    assert stream is not None
+    state = stream(params, job.shape, _rng(plan, job))
+
+    def emit(start: int, chunk: torch.Tensor) -> None:
+        writer.write_part(job.name, start, chunk.to(job.dtype))
+
+    merge_chunks(state, job.numel, _chunk_reader(plan, job), emit)
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
@@ -127,6 +191,14 @@ def _device_inputs(
     return tensors, mover.put(_read(plan, job.base.model, job.base.name)).float()
 
 
+def _rng(plan: Plan, job: TensorJob) -> torch.Generator | None:
+    """A random method's generator for one tensor: a CPU generator on every device (masks
+    agree bitwise), seeded from the run's seed and the output tensor's name."""
+    if not plan.method.random:
+        return None
+    return torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
+
+
 def _apply(
     plan: Plan,
     job: TensorJob,
@@ -134,10 +206,7 @@ def _apply(
     base: torch.Tensor | None,
     params: dict[str, Any],
 ) -> torch.Tensor:
-    rng = None
-    if plan.method.random:  # a CPU generator on every device: masks agree bitwise
-        rng = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
-    out = plan.method.fn(tensors, base, params, rng)
+    out = plan.method.fn(tensors, base, params, _rng(plan, job))
     if tuple(out.shape) != job.shape:  # a method bug, not a user error
         raise RuntimeError(
             f"{plan.method.name} returned shape {tuple(out.shape)} for "
@@ -149,16 +218,15 @@ def _apply(
 def run_job(
     plan: Plan,
     job: TensorJob,
-    trim: GlobalTrim | None = None,
+    params: dict[str, Any] | None = None,
     computed: Mapping[str, torch.Tensor] | None = None,
     *,
     mover: Mover | None = None,
-    turn: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> torch.Tensor:
-    """The output tensor of one job, in its output dtype, on the CPU. Jobs with global
-    trimming take their thresholds from ``trim`` inside ``turn()``, which must admit them in
-    plan order; ``computed`` jobs take their tensor from ``computed``; with a ``mover`` the
-    method runs on its device."""
+    """The output tensor of one job read whole, in its output dtype, on the CPU (``params``:
+    the job's parameters with a global trim's share, default ``job.params``; ``computed``
+    jobs take their tensor from ``computed``; with a ``mover`` the method runs on its
+    device)."""
     if job.computed is not None:
         if computed is None or job.name not in computed:
             raise RuntimeError(f"'{job.name}': computed tensor was not provided")
@@ -170,18 +238,17 @@ def run_job(
             tensors, base = _device_inputs(plan, job, mover)
         else:
             tensors, base = read_inputs(plan, job)
-        params = job.params
-        if trim is not None and base is not None and trims_globally(job):
-            with turn():
-                params = trim.job_params(job, tensors, base)
-        out = _apply(plan, job, tensors, base, params).to(job.dtype)
+        out = _apply(plan, job, tensors, base, job.params if params is None else params)
+        out = out.to(job.dtype)
         return mover.back(out) if mover is not None else out
 
 
-def _trim_pass(plan: Plan, show: bool) -> GlobalTrim | None:
+def _trim_params(plan: Plan, show: bool, threads: int) -> dict[str, dict[str, Any]]:
+    """The parameters, with each model's threshold and tie share, of every job merged with
+    ``trim: global`` (by name); empty without such jobs."""
     jobs = global_jobs(plan.jobs)
     if not jobs:
-        return None
+        return {}
     bars: list[tqdm] = []
 
     def step(desc: str) -> Callable[[TensorJob], None]:
@@ -189,11 +256,28 @@ def _trim_pass(plan: Plan, show: bool) -> GlobalTrim | None:
         bars.append(bar)
         return lambda job: bar.update(1)
 
+    chunks = partial_chunks(plan)
     try:
-        return GlobalTrim.compute(jobs, lambda j: _read_with_base(plan, j), step)
+        trim = GlobalTrim.compute(jobs, chunks, step)
+        counts: list[dict[str, int]] = [{} for _ in jobs]
+        if trim.counting():
+            tick = step("trim statistics: ties")
+
+            def count(k: int) -> None:
+                counts[k] = trim.count_equal(jobs[k], chunks)
+                tick(jobs[k])
+
+            peaks = [job_peak_bytes(j, plan.models, plan.method) for j in jobs]
+            run_jobs(count, job_order(jobs), peaks=peaks, budget=2**62, threads=threads)
     finally:
         for bar in bars:
             bar.close()
+    return {j.name: p for j, p in zip(jobs, trim.allot(jobs, counts), strict=True)}
+
+
+def partial_chunks(plan: Plan) -> Callable[[TensorJob], Iterator[Any]]:
+    """``chunks(job)`` of ``plan`` (``job_chunks`` with the plan bound)."""
+    return lambda job: job_chunks(plan, job)
 
 
 @dataclass(frozen=True)
@@ -239,29 +323,6 @@ def _device(name: str) -> torch.device | None:
     return dev
 
 
-def _worker(
-    plan: Plan,
-    trim: GlobalTrim | None,
-    computed: Mapping[str, torch.Tensor] | None,
-    mover: Mover | None,
-    seq: Sequencer,
-) -> Callable[[int], torch.Tensor]:
-    """``work(i)``: run job ``i``; global-trim jobs take their quota in plan order."""
-    order = {j.name: k for k, j in enumerate(global_jobs(plan.jobs))} if trim else {}
-
-    def work(i: int) -> torch.Tensor:
-        job = plan.jobs[i]
-        k = order.get(job.name)
-        turn = partial(seq.turn, k) if k is not None else nullcontext
-        try:
-            return run_job(plan, job, trim, computed, mover=mover, turn=turn)
-        finally:
-            if k is not None:
-                seq.done(k)  # also when the job failed before its turn
-
-    return work
-
-
 def execute(
     plan: Plan,
     directory: Path,
@@ -274,17 +335,11 @@ def execute(
     (``computed``: the tensors of the plan's computed jobs, by name), running jobs in
     parallel within ``resources`` (default: ``Resources.resolve()``)."""
     res = resources or Resources.resolve()
+    keep_freed_memory()
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
     show = progress and sys.stderr.isatty()
-    trim = _trim_pass(plan, show)
-    seq = Sequencer()
     mover = Mover(res.device) if res.device is not None else None
-    work = _worker(plan, trim, computed, mover, seq)
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
-    out_bytes = [j.numel * j.dtype.itemsize for j in plan.jobs]
-    pinned = [trims_globally(j) for j in plan.jobs]
-    numels = [j.numel for j in plan.jobs]
-    first = hoisted(numels, peaks, out_bytes, res.budget, res.threads, pinned)
     bar = tqdm(
         total=plan.shards.total_bytes,
         unit="B",
@@ -293,20 +348,22 @@ def execute(
         disable=not show,
         file=sys.stderr,
     )
+    lock = threading.Lock()
 
-    with ShardWriter(directory, plan.shards, metadata) as writer, bar, single_intra_op():
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res.threads)
+        with ShardWriter(directory, plan.shards, metadata) as writer, bar:
 
-        def write(i: int, tensor: torch.Tensor) -> None:
-            writer.write(plan.jobs[i].name, tensor)
-            bar.update(out_bytes[i])
+            def work(i: int) -> None:
+                job = plan.jobs[i]
+                params = trimmed.get(job.name, job.params)
+                if mover is None and streamed(job, plan.models, plan.method):
+                    _stream_job(plan, job, params, writer)
+                else:
+                    writer.write(job.name, run_job(plan, job, params, computed, mover=mover))
+                with lock:
+                    bar.update(job.numel * job.dtype.itemsize)
 
-        run_ordered(
-            work,
-            write,
-            peaks=peaks,
-            out_bytes=out_bytes,
-            budget=res.budget,
-            threads=res.threads,
-            first=first,
-            on_abort=seq.abort,
-        )
+            run_jobs(
+                work, job_order(plan.jobs), peaks=peaks, budget=res.budget, threads=res.threads
+            )

@@ -18,9 +18,13 @@ on the float32 bit patterns (for non-negative floats the bit pattern orders like
    so exactly ``k_m`` entries are kept, like ``torch.topk`` over the concatenated model with a
    stable order.
 
-Memory is one job's tensors plus two histograms per model. Each statistics pass reads the
-inputs once. The equal-to-threshold quota is a prefix over plan order, so jobs must be given to
-``job_params`` in plan order (the executor runs them in that order).
+Each job's share of the equal-to-threshold quota is fixed before the merge (``allot``): when a
+model keeps all or none of its entries equal to ``T_m`` (the common case) no counting is
+needed; otherwise a counting pass finds how many each job has and the quota is handed out in
+plan order. Jobs can then merge in any order, in parallel.
+
+Memory is one chunk of each input at a time (the passes read through ``chunks``) plus two
+histograms per model. Each statistics pass reads the inputs once.
 
 What it does not do: choose which tensors take part (the planner puts ``trim`` in each job's
 parameters), or merge (``merge.methods.task_arithmetic.ties`` applies the thresholds).
@@ -29,7 +33,7 @@ parameters), or merge (``merge.methods.task_arithmetic.ties`` applies the thresh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +53,8 @@ from merge.methods.radix import (
 __all__ = ["GlobalTrim", "ModelCut", "delta_bits", "global_jobs", "trims_globally"]
 
 
-ReadJob = Callable[[TensorJob], tuple[list[Tensor], Tensor]]
+ReadJob = Callable[[TensorJob], Iterator[tuple[list[Tensor], Tensor]]]
+"""``chunks(job)``: the job's inputs and base, float32, chunk after chunk."""
 
 
 def global_jobs(jobs: Iterable[TensorJob]) -> list[TensorJob]:
@@ -76,6 +81,7 @@ class ModelCut:
     total: int
     threshold: float
     equal_left: int
+    equal_total: int = 0  # entries of the model equal to the threshold
 
 
 class GlobalTrim:
@@ -97,13 +103,14 @@ class GlobalTrim:
         total: dict[str, int] = {}
         step = progress("trim statistics 1/2") if progress else None
         for job in jobs:
-            tensors, base = read_job(job)
-            for inp, x, density in zip(job.inputs, tensors, job.params["density"], strict=True):
-                bits = delta_bits(x, base)
-                h = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
-                hist[inp.model] = hist[inp.model] + h if inp.model in hist else h
+            for inp, density in zip(job.inputs, job.params["density"], strict=True):
                 budget[inp.model] = budget.get(inp.model, 0) + int(float(density) * job.numel)
                 total[inp.model] = total.get(inp.model, 0) + job.numel
+            for tensors, base in read_job(job):
+                for inp, x in zip(job.inputs, tensors, strict=True):
+                    bits = delta_bits(x, base)
+                    h = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
+                    hist[inp.model] = hist[inp.model] + h if inp.model in hist else h
             if step:
                 step(job)
         cuts: dict[str, ModelCut] = {}
@@ -135,34 +142,61 @@ class GlobalTrim:
         for job in jobs:
             if not any(i.model in pending for i in job.inputs):
                 continue
-            tensors, base = read_job(job)
-            for inp, x in zip(job.inputs, tensors, strict=True):
-                if inp.model not in pending:
-                    continue
-                bits = delta_bits(x, base)
-                inside = bits[(bits >> LOW_BITS) == pending[inp.model][0]]
-                low[inp.model] += torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
+            for tensors, base in read_job(job):
+                for inp, x in zip(job.inputs, tensors, strict=True):
+                    if inp.model not in pending:
+                        continue
+                    bits = delta_bits(x, base)
+                    inside = bits[(bits >> LOW_BITS) == pending[inp.model][0]]
+                    low[inp.model] += torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
             if step:
                 step(job)
         cuts = {}
         for m, (b, need) in pending.items():
             t, above = high_bin(low[m], need)
             threshold = threshold_of(b, t)
-            cuts[m] = ModelCut(budget[m], total[m], threshold, need - above)
+            equal_total = int(low[m][t].item())
+            cuts[m] = ModelCut(budget[m], total[m], threshold, need - above, equal_total)
         return cuts
 
-    def job_params(self, job: TensorJob, tensors: list[Tensor], base: Tensor) -> dict[str, Any]:
-        """``job.params`` plus ``trim_threshold`` and ``trim_equal`` (per model), consuming
-        each model's equal-to-threshold quota. Call in plan order, once per job."""
-        thresholds: list[float] = []
-        equal: list[int] = []
-        for inp, x in zip(job.inputs, tensors, strict=True):
-            cut = self.cuts[inp.model]
-            take = 0
-            if cut.equal_left > 0:
-                ties = int(((x - base).abs_() == cut.threshold).sum().item())
-                take = min(ties, cut.equal_left)
-                cut.equal_left -= take
-            thresholds.append(cut.threshold)
-            equal.append(take)
-        return {**job.params, "trim_threshold": thresholds, "trim_equal": equal}
+    def counting(self) -> set[str]:
+        """The models that keep some but not all of their entries equal to the threshold:
+        only their jobs need ``count_equal`` before ``allot``."""
+        return {m for m, c in self.cuts.items() if 0 < c.equal_left < c.equal_total}
+
+    def count_equal(self, job: TensorJob, read_job: ReadJob) -> dict[str, int]:
+        """How many entries of each counting model's task vector in ``job`` equal its
+        threshold."""
+        counting = self.counting()
+        counts: dict[str, int] = {}
+        for tensors, base in read_job(job):
+            for inp, x in zip(job.inputs, tensors, strict=True):
+                if inp.model in counting:
+                    eq = int(((x - base).abs_() == self.cuts[inp.model].threshold).sum().item())
+                    counts[inp.model] = counts.get(inp.model, 0) + eq
+        return counts
+
+    def allot(
+        self, jobs: Sequence[TensorJob], counts: Sequence[dict[str, int]]
+    ) -> list[dict[str, Any]]:
+        """Each job's ``params`` plus ``trim_threshold`` and ``trim_equal`` (per model): the
+        equal-to-threshold quota handed out in plan order (``jobs`` in plan order, ``counts``
+        from ``count_equal`` for the counting models)."""
+        left = {m: c.equal_left for m, c in self.cuts.items()}
+        out = []
+        for job, count in zip(jobs, counts, strict=True):
+            thresholds: list[float] = []
+            equal: list[int] = []
+            for inp in job.inputs:
+                cut = self.cuts[inp.model]
+                if left[inp.model] <= 0:
+                    take = 0
+                elif left[inp.model] >= cut.equal_total:
+                    take = job.numel  # every equal entry is kept
+                else:
+                    take = min(count.get(inp.model, 0), left[inp.model])
+                    left[inp.model] -= take
+                thresholds.append(cut.threshold)
+                equal.append(take)
+            out.append({**job.params, "trim_threshold": thresholds, "trim_equal": equal})
+        return out

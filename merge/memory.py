@@ -1,31 +1,32 @@
 """Memory estimates of a plan, from headers only, and the budget a run keeps to.
 
-``job_peak_bytes`` is the expected peak of tensor data while one job runs: its inputs as
-stored and as float32, the method's measured working space (``Method.workspace``) and the
-output. ``peak_memory`` is the largest of these (``Plan.peak_bytes``: what one job alone needs).
+``job_peak_bytes`` is the expected peak of tensor data while one job runs. A streamed job
+(``streamed``: the method has a chunked form and every input can be memory-mapped) holds a few
+chunk-sized float32 buffers whatever the tensor's size; the inputs stay in the page cache and
+the output goes to its shard chunk by chunk. Any other job holds its inputs as stored and as
+float32, the method's measured working space (``Method.workspace``) and the output.
+``peak_memory`` is the largest of these (``Plan.peak_bytes``: what one job alone needs).
 
-The executor runs several jobs at once but admits a job only while the estimates of the jobs in
-flight (running, queued or waiting to be written) fit in the budget (``--max-memory``, by
-default half of the available RAM); a job larger than the whole budget runs alone.
-``MemoryPlan`` is that schedule's worst case, computed by replaying the admission rule, plus
-a warning for every tensor that cannot fit (``merge plan`` and ``merge run`` show both).
-``hoisted`` picks the few very large jobs started first so they do not end a run alone on one
-core; their finished outputs wait within the budget.
+The executor runs up to ``threads`` jobs at once, the most work first (``job_order``),
+admitting a job only while the estimates of the jobs running fit in the budget
+(``--max-memory``, by default half of the available RAM); a job larger than the whole budget
+runs alone. ``MemoryPlan`` is that schedule's worst case, computed by replaying the admission
+rule, plus a warning for every tensor that cannot fit (``merge plan`` and ``merge run`` show
+both).
 
-What it does not do: measure anything (the numbers are estimates from shapes and dtypes), count
-the interpreter, libraries and page cache, or split one huge tensor into chunks.
+What it does not do: measure anything (the numbers are estimates from shapes and dtypes), or
+count the interpreter, libraries and page cache.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from merge.globaltrim import trims_globally
 from merge.jobs import TensorJob
 from merge.methods import Method
+from merge.methods.stream import CHUNK_ELEMENTS
 from merge.report import human_bytes as human
 from merge.sourceset import Model
 
@@ -33,14 +34,28 @@ DEFAULT_FRACTION = 0.5  # of MemAvailable, when no --max-memory is given
 FALLBACK_AVAILABLE = 8 * 2**30  # where the available memory cannot be read
 
 
+def streamed(job: TensorJob, models: dict[str, Model], method: Method) -> bool:
+    """Whether ``job`` runs chunk by chunk from memory-mapped inputs (``merge.execute``)."""
+    if job.vocab is not None or job.computed is not None:
+        return False
+    if job.copy:
+        chunked = job.noise == 0.0 and job.scale == 1.0
+    else:
+        chunked = method.stream is not None
+    reads = [*job.inputs, *([job.base] if job.base else [])]
+    return chunked and all(models[r.model].checkpoint.can_view(r.name) for r in reads)
+
+
 def job_peak_bytes(job: TensorJob, models: dict[str, Model], method: Method) -> int:
-    """Expected peak bytes of tensor data while ``job`` runs: the inputs as stored and as
-    float32, the method's working space and the output."""
+    """Expected peak bytes of tensor data while ``job`` runs (module notes)."""
     per_model, fixed = method.workspace
     reads = [*job.inputs, *([job.base] if job.base else [])]
     reads += job.vocab.extra if job.vocab else ()
-    stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
     buffers = 0.0 if job.copy else len(reads) + per_model * len(job.inputs) + fixed
+    if streamed(job, models, method):
+        chunk = min(job.numel, CHUNK_ELEMENTS)
+        return int(4 * chunk * (buffers + 1)) + chunk * job.dtype.itemsize
+    stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
     buffers += len(reads) + 1 if job.vocab else 0  # aligned copies and the default rows
     return stored + int(4 * job.numel * buffers) + job.numel * job.dtype.itemsize
 
@@ -73,36 +88,11 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def window(threads: int) -> int:
-    """Jobs running or queued at most: one per thread plus as many read ahead."""
-    return 2 * threads
-
-
-def hoisted(
-    numels: Sequence[int],
-    peaks: Sequence[int],
-    out_bytes: Sequence[int],
-    budget: int,
-    threads: int,
-    pinned: Sequence[bool],
-) -> list[int]:
-    """Jobs to start first (their outputs then wait for their turn to be written): each over
-    a ``1 / (4 * threads)`` share of all elements, which in plan order could end the run alone
-    on one core (a large lm_head). Largest first, while their waiting outputs plus the largest
-    job fit the budget, so the next job to write always fits. ``pinned`` jobs keep their
-    place (global trim takes turns in plan order)."""
-    if threads < 2 or not numels:
-        return []
-    share = sum(numels) / (4 * threads)
-    room = budget - max(peaks)
-    chosen: list[int] = []
-    for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
-        if numels[i] <= share:
-            break
-        if not pinned[i] and out_bytes[i] <= room:
-            chosen.append(i)
-            room -= out_bytes[i]
-    return chosen
+def job_order(jobs: Sequence[TensorJob]) -> list[int]:
+    """The order jobs start in: most work first (elements times tensors read), so the large
+    ones do not end the run alone on one core; plan order among equals."""
+    work = [j.numel * (len(j.inputs) + (j.base is not None)) for j in jobs]
+    return sorted(range(len(jobs)), key=lambda i: -work[i])
 
 
 def fits(charged: int, need: int, budget: int) -> bool:
@@ -110,19 +100,19 @@ def fits(charged: int, need: int, budget: int) -> bool:
     return charged == 0 or charged + need <= budget
 
 
-def scheduled_peak(peaks: Sequence[int], budget: int, threads: int, held: int = 0) -> int:
-    """The largest sum of estimates in flight when jobs are admitted in order by ``fits``
-    within ``window(threads)`` and each leaves only when it is the oldest (the worst case),
-    plus ``held`` bytes of hoisted outputs waiting, within ``max(budget, largest job)``."""
-    flight: deque[int] = deque()
+def scheduled_peak(peaks: Sequence[int], budget: int, threads: int) -> int:
+    """The largest sum of estimates running when jobs (in start order) are admitted by
+    ``fits``, at most ``threads`` at once, each leaving only when it is the oldest running
+    (the worst case)."""
+    running: list[int] = []
     charged = worst = 0
     for need in peaks:
-        while flight and (len(flight) >= window(threads) or not fits(charged, need, budget)):
-            charged -= flight.popleft()
-        flight.append(need)
+        while running and (len(running) >= threads or not fits(charged, need, budget)):
+            charged -= running.pop(0)
+        running.append(need)
         charged += need
         worst = max(worst, charged)
-    return min(worst + held, max(budget, worst)) if held else worst
+    return worst
 
 
 @dataclass(frozen=True)
@@ -167,9 +157,5 @@ def memory_plan(
 ) -> MemoryPlan:
     peaks = [job_peak_bytes(j, models, method) for j in jobs]
     over = tuple((j.name, p) for j, p in zip(jobs, peaks, strict=True) if p > budget)
-    out = [j.numel * j.dtype.itemsize for j in jobs]
-    pinned = [trims_globally(j) for j in jobs]
-    held = sum(
-        out[i] for i in hoisted([j.numel for j in jobs], peaks, out, budget, threads, pinned)
-    )
-    return MemoryPlan(budget, threads, scheduled_peak(peaks, budget, threads, held), over)
+    ordered = [peaks[i] for i in job_order(jobs)]
+    return MemoryPlan(budget, threads, scheduled_peak(ordered, budget, threads), over)

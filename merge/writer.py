@@ -3,13 +3,14 @@
 Design. The shard plan is a pure function of the output tensors' names, shapes and dtypes
 (:func:`plan_shards` -> :class:`ShardPlan`), fixed before any tensor is computed, so every shard
 is written once, under its final name. Because every shape and dtype is known up front, the
-:class:`ShardWriter` writes each shard's safetensors header first and then streams each
-tensor's raw bytes straight to the file as the executor hands it over: nothing is buffered
-beyond the tensor being written. The output directory itself (atomic rename, location and disk
+:class:`ShardWriter` creates every shard with its safetensors header and final size at once,
+and then writes each tensor's raw bytes (or a chunk of its rows) straight to its offset as the
+executor's workers hand them over, in any order: nothing is buffered beyond the chunk being
+written. The output directory itself (atomic rename, location and disk
 checks) is ``merge.outdir``.
 
-What it does not do: compute, cast or reorder tensors (the executor hands them over in plan
-order and in the planned dtype), deduplicate shared storage, write config or tokenizer files,
+What it does not do: compute or cast tensors (the executor hands them over in the planned
+dtype), deduplicate shared storage, write config or tokenizer files,
 or fsync (a crash of the machine itself, as opposed to the process, may leave a renamed but
 partly flushed output). Like safetensors, it assumes a little-endian host.
 """
@@ -18,14 +19,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import torch
 
@@ -177,6 +179,13 @@ def parse_size(text: str | int, what: str = "shard size") -> int:
 # --------------------------------------------------------------------------- writing
 
 
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
 def _header_bytes(shard: Shard, metadata: dict[str, str]) -> bytes:
     """The safetensors header: 8-byte little-endian length + JSON padded to 8 bytes."""
     header: dict[str, object] = {"__metadata__": metadata}
@@ -195,10 +204,13 @@ def _header_bytes(shard: Shard, metadata: dict[str, str]) -> bytes:
 
 
 class ShardWriter:
-    """Writes the tensors of a :class:`ShardPlan`, in plan order, into ``directory``.
+    """Writes the tensors of a :class:`ShardPlan` into ``directory``, in any order and from any
+    thread: every shard file is created with its header and its final size up front, and each
+    tensor (or row chunk of one, ``write_part``) goes to its planned offset with ``os.pwrite``.
 
-    ``write`` raises ``ValueError`` for a tensor out of order, or of the wrong shape or dtype;
-    ``close`` raises ``RuntimeError`` if any planned tensor was not written.
+    ``write``/``write_part`` raise ``ValueError`` for a tensor not in the plan, of the wrong
+    shape or dtype, or written past its end; ``close`` raises ``RuntimeError`` if any planned
+    byte was not written.
     """
 
     def __init__(
@@ -214,64 +226,72 @@ class ShardWriter:
         self.plan = plan
         self.metadata = {**metadata, "format": "pt"}
         self.written_bytes = 0
-        self._order = [(i, spec) for i, shard in enumerate(plan.shards) for spec in shard.tensors]
-        self._next = 0
-        self._file: BinaryIO | None = None
-        self._file_shard = -1
-        self._data_start = 0
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd, offset, spec)
+        self._left: dict[str, int] = {}  # name -> bytes not yet written
+        self._fds: list[int] = []
+        self._lock = threading.Lock()
         self._closed = False
+        try:
+            for shard in plan.shards:
+                self._open_shard(shard)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_shard(self, shard: Shard) -> None:
+        header = _header_bytes(shard, self.metadata)
+        fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fds.append(fd)
+        _pwrite_all(fd, header, 0)
+        os.ftruncate(fd, len(header) + shard.nbytes)
+        offset = len(header)
+        for spec in shard.tensors:
+            self._where[spec.name] = (fd, offset, spec)
+            self._left[spec.name] = spec.nbytes
+            offset += spec.nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Stream one tensor's bytes into its shard (opening the shard when it starts)."""
-        if self._closed:
-            raise ValueError(f"cannot write tensor '{name}': the writer is closed")
-        if self._next >= len(self._order):
-            raise ValueError(f"cannot write tensor '{name}': every planned tensor is written")
-        shard_index, spec = self._order[self._next]
-        self._check(name, spec, tensor)
-        if shard_index != self._file_shard:
-            self._finish_shard()
-            self._open_shard(shard_index)
-        assert self._file is not None
-        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-        self._file.write(data.data)  # the array's own buffer: no copy
-        self.written_bytes += spec.nbytes
-        self._next += 1
-
-    def _check(self, name: str, spec: TensorSpec, tensor: torch.Tensor) -> None:
-        if name != spec.name:
-            known = any(name == s.name for _, s in self._order)
-            problem = "written out of order" if known else "is not in the shard plan"
-            raise ValueError(f"tensor '{name}' {problem}: expected '{spec.name}' next")
+        """Write one whole tensor to its place in its shard."""
+        spec = self._spec(name)
         if tuple(tensor.shape) != spec.shape:
             raise ValueError(
                 f"tensor '{name}' has shape {tuple(tensor.shape)}, planned {spec.shape}"
             )
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write ``tensor``'s elements as elements ``start..`` of the flattened tensor
+        ``name`` (a chunk of rows)."""
+        spec = self._spec(name)
         if tensor.dtype != spec.dtype:
             raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, planned {spec.dtype}")
+        size = spec.dtype.itemsize
+        begin, nbytes = start * size, tensor.numel() * size
+        if start < 0 or begin + nbytes > spec.nbytes:
+            raise ValueError(
+                f"tensor '{name}': elements {start}..{start + tensor.numel()} are outside its "
+                f"{spec.nbytes // size} elements"
+            )
+        fd, offset, _ = self._where[name]
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        _pwrite_all(fd, data.data, offset + begin)  # the array's own buffer: no copy
+        with self._lock:
+            self._left[name] -= nbytes
+            self.written_bytes += nbytes
 
-    def _open_shard(self, index: int) -> None:
-        shard = self.plan.shards[index]
-        self._file = open(self.directory / shard.filename, "xb")
-        self._file_shard = index
-        self._file.write(_header_bytes(shard, self.metadata))
-        self._data_start = self._file.tell()
-
-    def _finish_shard(self) -> None:
-        if self._file is None:
-            return
-        shard = self.plan.shards[self._file_shard]
-        written = self._file.tell() - self._data_start
-        self._file.close()
-        self._file = None
-        if written != shard.nbytes:  # pragma: no cover - guarded by the shape/dtype checks
-            raise RuntimeError(f"{shard.filename}: wrote {written} bytes, planned {shard.nbytes}")
+    def _spec(self, name: str) -> TensorSpec:
+        if self._closed:
+            raise ValueError(f"cannot write tensor '{name}': the writer is closed")
+        where = self._where.get(name)
+        if where is None:
+            raise ValueError(f"tensor '{name}' is not in the shard plan")
+        return where[2]
 
     def close(self) -> None:
-        """Check that everything was written, close the last shard, write the index json."""
+        """Check that everything was written, close the shards, write the index json."""
         if self._closed:
             return
-        missing = [spec.name for _, spec in self._order[self._next :]]
+        missing = [name for name, left in self._left.items() if left > 0]
         if missing:
             self.abort()
             shown = ", ".join(f"'{n}'" for n in missing[:3])
@@ -279,8 +299,7 @@ class ShardWriter:
             raise RuntimeError(
                 f"output incomplete: {len(missing)} tensors not written: {shown}{more}"
             )
-        self._finish_shard()
-        self._closed = True
+        self.abort()
         if len(self.plan.shards) > 1:
             index = {
                 "metadata": {"total_size": self.plan.total_bytes},
@@ -291,10 +310,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close open handles without any checks (the atomic output removes the files)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
         self._closed = True
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
     def __enter__(self) -> ShardWriter:
         return self

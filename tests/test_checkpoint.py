@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from _ckpt_utils import snapshot_files, tiny_state_dict, write_bin, write_config, write_safetensors
-from merge.checkpoint import Checkpoint, TensorInfo, read_safetensors_header
+from merge.checkpoint import Checkpoint, read_safetensors_header
 from merge.errors import CheckpointError
 
 
@@ -108,7 +108,19 @@ def test_header_matches_safe_open(tmp_path: Path) -> None:
             sl = f.get_slice(name)
             assert ours[name].shape == tuple(sl.get_shape()), name
             assert ours[name].dtype == f.get_tensor(name).dtype, name
-    assert ours["scalar"] == TensorInfo("scalar", (), torch.float32, d / "model.safetensors", 4)
+    info = ours["scalar"]
+    assert (info.name, info.shape, info.dtype, info.file, info.nbytes) == (
+        "scalar",
+        (),
+        torch.float32,
+        d / "model.safetensors",
+        4,
+    )
+    ckpt = Checkpoint.open(d, "m")  # zero-copy views read the bytes the offsets point at
+    for name, tensor in sd.items():
+        view = ckpt.view(name)
+        assert view.dtype == tensor.dtype and view.shape == tensor.shape, name
+        assert torch.equal(view.to(torch.float64), tensor.to(torch.float64)), name
 
 
 def test_num_layers_keys(tmp_path: Path) -> None:

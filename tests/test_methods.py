@@ -505,8 +505,13 @@ def test_dare_matches_reference(name: str, normalize: bool, rescale: bool) -> No
         [0.7, 0.5, 1.2],
         [0.5, 0.7, 0.3],
     )
-    draws = gen(123)  # the documented convention: one torch.rand per model, in model order
-    keeps = [flat((torch.rand(SHAPE, generator=draws) < dens).float()) for dens in densities]
+    # the documented convention: one generator per model, seeded in model order from the
+    # tensor's generator, and one torch.rand of the tensor's shape from each
+    seeds = torch.randint(0, 2**62, (3,), generator=gen(123), dtype=torch.int64).tolist()
+    keeps = [
+        flat((torch.rand(SHAPE, generator=gen(s)) < dens).float())
+        for s, dens in zip(seeds, densities, strict=True)
+    ]
     keep_lists = [[v == 1.0 for v in k] for k in keeps]
     out = call(
         name, xs, b, 123, weight=weights, density=densities, normalize=normalize, rescale=rescale

@@ -249,11 +249,11 @@ def test_breadcrumbs_density_one_keeps_everything() -> None:
 def test_della_matches_reference(name: str, rescale: bool | str, shape: tuple[int, ...]) -> None:
     xs, b = [rand(1, shape), rand(2, shape), rand(3, shape)], rand(4, shape)
     weights, densities, epsilons = [0.7, 0.5, 1.2], [0.5, 0.3, 0.7], [0.2, 0.1, 0.25]
-    draws = gen(99)
+    seeds = torch.randint(0, 2**62, (3,), generator=gen(99), dtype=torch.int64).tolist()
     keeps, probs = [], []
-    for x, dens, eps in zip(xs, densities, epsilons, strict=True):
+    for x, dens, eps, seed in zip(xs, densities, epsilons, seeds, strict=True):
         p = ref_della_probs(x - b, dens, eps)
-        u = flat(torch.rand(shape, generator=draws))
+        u = flat(torch.rand(shape, generator=gen(seed)))
         keeps.append([uj < pj for uj, pj in zip(u, p, strict=True)])
         probs.append(p)
     normalize = name == "della"

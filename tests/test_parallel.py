@@ -26,8 +26,9 @@ from merge import api
 from merge.cli import app
 from merge.errors import CheckpointError, MergeError
 from merge.execute import Resources
-from merge.memory import hoisted, job_peak_bytes, peak_memory, scheduled_peak
-from merge.pipeline import Cancelled, Sequencer, run_ordered
+from merge.jobs import Input, TensorJob
+from merge.memory import job_order, job_peak_bytes, peak_memory, scheduled_peak, streamed
+from merge.pipeline import run_jobs
 from merge.report import human_bytes
 from support import run_recipe
 from tiny import assert_loads_and_generates, load_state, make_tiny
@@ -44,10 +45,11 @@ class Tracker:
         self.running: set[int] = set()
         self.max_bytes = 0
         self.overlaps: dict[int, set[int]] = {i: set() for i in range(len(peaks))}
-        self.written: list[int] = []
+        self.started: list[int] = []
 
-    def work(self, i: int) -> int:
+    def work(self, i: int) -> None:
         with self.lock:
+            self.started.append(i)
             for j in self.running:
                 self.overlaps[i].add(j)
                 self.overlaps[j].add(i)
@@ -56,139 +58,72 @@ class Tracker:
         time.sleep(self.delays[i])
         with self.lock:
             self.running.discard(i)
-        return i * 10
-
-    def write(self, i: int, result: int) -> None:
-        assert result == i * 10
-        self.written.append(i)
 
 
-def test_results_reach_the_writer_in_order_and_jobs_overlap() -> None:
-    delays = [0.03, 0.0, 0.02, 0.0, 0.01, 0.0, 0.03, 0.0]  # later jobs finish first
-    t = Tracker([1] * 8, delays)
-    run_ordered(t.work, t.write, peaks=t.peaks, out_bytes=[0] * 8, budget=100, threads=3)
-    assert t.written == list(range(8))
+def test_jobs_start_in_the_given_order_and_overlap() -> None:
+    t = Tracker([1] * 8, [0.01] * 8)
+    order = [7, 3, 0, 1, 2, 4, 5, 6]
+    run_jobs(t.work, order, peaks=t.peaks, budget=100, threads=3)
+    assert t.started[:3] == [7, 3, 0] and sorted(t.started) == list(range(8))
     assert any(t.overlaps.values())  # several jobs did run at once
 
 
-def test_budget_bounds_the_bytes_in_flight_and_a_huge_job_runs_alone() -> None:
+def test_budget_bounds_the_bytes_running_and_a_huge_job_runs_alone() -> None:
     peaks = [3, 3, 3, 50, 3, 3, 4, 4]
     t = Tracker(peaks, [0.01] * len(peaks))
-    run_ordered(t.work, t.write, peaks=peaks, out_bytes=[0] * 8, budget=10, threads=4)
-    assert t.written == list(range(8))
+    run_jobs(t.work, range(8), peaks=peaks, budget=10, threads=4)
+    assert sorted(t.started) == list(range(8))
     assert t.overlaps[3] == set()  # over the budget: alone, and no deadlock
     small = Tracker([3] * 8, [0.01] * 8)
-    run_ordered(small.work, small.write, peaks=small.peaks, out_bytes=[3] * 8, budget=10, threads=4)
+    run_jobs(small.work, range(8), peaks=small.peaks, budget=10, threads=4)
     assert 3 < small.max_bytes <= 9  # three of 3 bytes fit in 10, four do not
 
 
 def test_threads_one_runs_one_job_at_a_time() -> None:
     t = Tracker([1] * 5, [0.005] * 5)
-    run_ordered(t.work, t.write, peaks=t.peaks, out_bytes=[0] * 5, budget=100, threads=1)
-    assert t.written == list(range(5))
+    run_jobs(t.work, range(5), peaks=t.peaks, budget=100, threads=1)
+    assert t.started == list(range(5))
     assert all(not o for o in t.overlaps.values())
 
 
 def test_a_worker_error_propagates_and_stops_the_rest() -> None:
     started: list[int] = []
 
-    def work(i: int) -> int:
+    def work(i: int) -> None:
         started.append(i)
         if i == 2:
             raise CheckpointError("model 'a': cannot read tensor 'x': boom")
         time.sleep(0.01)
-        return i
 
-    written: list[int] = []
-    aborted: list[bool] = []
     with pytest.raises(CheckpointError, match="cannot read tensor 'x'"):
-        run_ordered(
-            work,
-            lambda i, r: written.append(i),
-            peaks=[1] * 50,
-            out_bytes=[0] * 50,
-            budget=100,
-            threads=2,
-            on_abort=lambda: aborted.append(True),
-        )
-    assert written == [0, 1]
-    assert aborted == [True]
-    assert max(started) < 10  # the window stops submission; the rest never ran
+        run_jobs(work, range(50), peaks=[1] * 50, budget=100, threads=2)
+    assert max(started) < 10  # submission stops at the error; the rest never ran
 
 
-def test_sequencer_runs_turns_in_order_and_aborts_waiters() -> None:
-    seq = Sequencer()
-    order: list[int] = []
+def test_job_order_starts_the_most_work_first() -> None:
+    def job(name: str, numel: int, inputs: int) -> TensorJob:
+        ins = tuple(Input(f"m{k}", name) for k in range(inputs))
+        return TensorJob(name, (numel,), torch.float32, ins, None, {}, None)
 
-    def take(k: int) -> None:
-        time.sleep(0.002 * (5 - k))  # later turns arrive first
-        with seq.turn(k):
-            order.append(k)
-
-    threads = [threading.Thread(target=take, args=(k,)) for k in range(5)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert order == [0, 1, 2, 3, 4]
-
-    seq = Sequencer()
-    seq.done(1)  # a job that failed before its turn
-    with seq.turn(0):
-        pass
-    with seq.turn(2):  # turn 1 was skipped
-        pass
-    errors: list[BaseException] = []
-
-    def blocked() -> None:
-        try:
-            with seq.turn(9):
-                pass
-        except Cancelled as e:
-            errors.append(e)
-
-    th = threading.Thread(target=blocked)
-    th.start()
-    seq.abort()
-    th.join(timeout=5)
-    assert not th.is_alive() and len(errors) == 1
-
-
-def test_hoisted_jobs_start_first_and_their_outputs_wait_within_the_budget() -> None:
-    numels = [1] * 10 + [40]  # a large last job (an lm_head)
-    peaks, out = [4] * 10 + [9], [1] * 10 + [2]
-    pinned = [False] * 11
-    assert hoisted(numels, peaks, out, budget=100, threads=2, pinned=pinned) == [10]
-    assert hoisted(numels, peaks, out, budget=100, threads=1, pinned=pinned) == []
-    assert hoisted(numels, peaks, out, budget=10, threads=2, pinned=pinned) == []  # no room
-    assert hoisted(numels, peaks, out, budget=100, threads=2, pinned=[True] * 11) == []
-    t = Tracker(peaks, [0.002] * 11)
-    started: list[int] = []
-
-    def work(i: int) -> int:
-        started.append(i)
-        return t.work(i)
-
-    run_ordered(work, t.write, peaks=peaks, out_bytes=out, budget=11, threads=2, first=[10])
-    assert started[0] == 10 and t.written == list(range(11))
-    assert t.max_bytes <= 11
+    jobs = [job("a", 10, 2), job("b", 40, 1), job("c", 5, 3), job("d", 10, 2)]
+    assert job_order(jobs) == [1, 0, 3, 2]  # 40, 20, 20 (plan order), 15
 
 
 # --- the schedule's worst case ----------------------------------------------------------------
 
 
 def brute_peak(peaks: list[int], budget: int, threads: int) -> int:
-    """The admission rule replayed plainly: indices in flight, oldest leaves first."""
-    flight: list[int] = []
+    """The admission rule replayed plainly: indices running, oldest leaves first."""
+    running: list[int] = []
     worst = 0
     for i, need in enumerate(peaks):
-        while flight:
-            total = sum(peaks[j] for j in flight)
-            if len(flight) < 2 * threads and total + need <= budget:
+        while running:
+            total = sum(peaks[j] for j in running)
+            if len(running) < threads and total + need <= budget:
                 break
-            flight.pop(0)
-        flight.append(i)
-        worst = max(worst, sum(peaks[j] for j in flight))
+            running.pop(0)
+        running.append(i)
+        worst = max(worst, sum(peaks[j] for j in running))
     return worst
 
 
@@ -207,7 +142,7 @@ def test_scheduled_peak_matches_a_replay_and_is_bounded(seed: int) -> None:
 def test_scheduled_peak_examples() -> None:
     assert scheduled_peak([5, 5, 5], budget=10, threads=4) == 10
     assert scheduled_peak([30, 5], budget=10, threads=4) == 30
-    assert scheduled_peak([1, 1, 1, 1, 1], budget=100, threads=1) == 2  # one runs, one read ahead
+    assert scheduled_peak([1, 1, 1, 1, 1], budget=100, threads=1) == 1  # one at a time
 
 
 def test_job_peak_bytes_is_what_the_plan_reports(
@@ -227,9 +162,11 @@ def test_job_peak_bytes_is_what_the_plan_reports(
     per_job = [job_peak_bytes(j, p.models, p.method) for j in p.jobs]
     assert p.peak_bytes == max(per_job) == peak_memory(p.jobs, p.models, p.method)
     mlp = next(j for j in p.jobs if j.name.endswith("layers.0.mlp.up_proj.weight"))
-    stored = 2 * 4 * mlp.numel  # two float32 inputs (fine-tune and base)
+    # streamed from the memory maps: one chunk (here the whole small tensor) of the two float32
+    # inputs, the method's buffers and the float32 output chunk; nothing stored is held
+    assert streamed(mlp, p.models, p.method)
     per_model, fixed = p.method.workspace
-    want = stored + 4 * mlp.numel * (2 + per_model + fixed) + 4 * mlp.numel
+    want = 4 * mlp.numel * (2 + per_model + fixed + 1) + 4 * mlp.numel
     assert job_peak_bytes(mlp, p.models, p.method) == int(want)
 
 
@@ -372,14 +309,14 @@ def test_worker_error_leaves_nothing_behind(
 ) -> None:
     import merge.execute as ex
 
-    real = ex._read
+    real = ex._views
 
-    def failing(plan: Any, model: str, name: str) -> torch.Tensor:
-        if name.endswith("layers.1.mlp.down_proj.weight"):
-            raise CheckpointError(f"model '{model}': cannot read tensor '{name}': bad bytes")
-        return real(plan, model, name)
+    def failing(plan: Any, job: Any) -> Any:
+        if job.name.endswith("layers.1.mlp.down_proj.weight"):
+            raise CheckpointError(f"model 'm': cannot read tensor '{job.name}': bad bytes")
+        return real(plan, job)
 
-    monkeypatch.setattr(ex, "_read", failing)
+    monkeypatch.setattr(ex, "_views", failing)
     recipe = recipes(llama_base, llama_ft1, llama_ft2)["ties"]
     with pytest.raises(CheckpointError, match="cannot read tensor 'model.layers.1.mlp.down_proj"):
         run_recipe(tmp_path, recipe, "out", threads=4)
@@ -391,14 +328,14 @@ def test_interrupt_in_a_worker_leaves_nothing_behind(
 ) -> None:
     import merge.execute as ex
 
-    real = ex.run_job
+    real = ex._stream_job
 
-    def interrupted(plan: Any, job: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def interrupted(plan: Any, job: Any, *args: Any, **kwargs: Any) -> None:
         if job.name.endswith("layers.1.self_attn.q_proj.weight"):
             raise KeyboardInterrupt
-        return real(plan, job, *args, **kwargs)
+        real(plan, job, *args, **kwargs)
 
-    monkeypatch.setattr(ex, "run_job", interrupted)
+    monkeypatch.setattr(ex, "_stream_job", interrupted)
     recipe = recipes(llama_base, llama_ft1, llama_ft1)["linear"]
     with pytest.raises(KeyboardInterrupt):
         run_recipe(tmp_path, recipe, "out", threads=2)

@@ -171,21 +171,30 @@ def test_single_shard_has_no_index_and_aligned_header(tmp_path: Path) -> None:
         assert torch.equal(loaded[name], tensor), name
 
 
-def test_out_of_order_and_wrong_tensor_errors(tmp_path: Path) -> None:
-    plan = plan_shards([spec("a", 2), spec("b", 3)], 100)
+def test_any_order_chunks_and_wrong_tensor_errors(tmp_path: Path) -> None:
+    plan = plan_shards([spec("a", 2), spec("b", 5), spec("c", 3)], 16)
+    tensors = {"a": torch.tensor([1.0, 2.0]), "b": torch.arange(5.0), "c": -torch.arange(3.0)}
     with ShardWriter(tmp_path, plan) as writer:
-        with pytest.raises(ValueError, match="'b' written out of order: expected 'a' next"):
-            writer.write("b", torch.zeros(3))
         with pytest.raises(ValueError, match="'zz' is not in the shard plan"):
             writer.write("zz", torch.zeros(3))
         with pytest.raises(ValueError, match=r"shape \(3,\), planned \(2,\)"):
             writer.write("a", torch.zeros(3))
         with pytest.raises(ValueError, match="dtype torch.float16, planned torch.float32"):
             writer.write("a", torch.zeros(2, dtype=torch.float16))
-        writer.write("a", torch.zeros(2))
-        writer.write("b", torch.zeros(3))
-        with pytest.raises(ValueError, match="every planned tensor is written"):
-            writer.write("c", torch.zeros(3))
+        with pytest.raises(ValueError, match=r"'b': elements 4..6 are outside its 5 elements"):
+            writer.write_part("b", 4, torch.zeros(2))
+        writer.write("c", tensors["c"])  # last shard first, then b in two chunks, backwards
+        writer.write_part("b", 3, tensors["b"][3:])
+        writer.write_part("b", 0, tensors["b"][:3])
+        writer.write("a", tensors["a"])
+    loaded = {}
+    for shard in plan.shards:
+        loaded.update(load_file(str(tmp_path / shard.filename)))
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
+    with pytest.raises(ValueError, match="the writer is closed"):
+        writer.write("a", tensors["a"])
 
 
 def test_incomplete_close_errors(tmp_path: Path) -> None:
@@ -195,7 +204,7 @@ def test_incomplete_close_errors(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="2 tensors not written: 'b', 'c'"):
         writer.close()
     assert not (tmp_path / INDEX_NAME).exists()
-    assert writer._file is None  # handles closed
+    assert writer._fds == []  # handles closed
 
 
 def test_exception_inside_writer_closes_without_index(tmp_path: Path) -> None:
@@ -203,7 +212,7 @@ def test_exception_inside_writer_closes_without_index(tmp_path: Path) -> None:
     with pytest.raises(KeyError), ShardWriter(tmp_path, plan) as writer:
         writer.write("a", torch.zeros(2))
         raise KeyError("boom")
-    assert writer._file is None
+    assert writer._fds == []
     assert not (tmp_path / INDEX_NAME).exists()
 
 

@@ -59,6 +59,14 @@ class LoraCheckpoint(TensorSource):
             weight = replacement.to(torch.float32, copy=True)
         return weight if pair is None else weight + pair.delta()
 
+    def view(self, name: str) -> torch.Tensor | None:
+        """The base's tensor without a copy where the adapter leaves it alone, else None."""
+        return self.base.view(name) if self.can_view(name) else None
+
+    def can_view(self, name: str) -> bool:
+        touched = name in self.adapter.replacements or name in self.adapter.pairs
+        return not touched and self.base.can_view(name)
+
     def close(self) -> None:
         self.base.close()
 

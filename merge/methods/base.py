@@ -157,6 +157,9 @@ class Method:
     ``min_models``/``max_models`` count ``tensors``, not a required base.
     ``workspace``: (per model, fixed) number of extra float32 buffers of the tensor's size the
     function holds at its peak, measured; the planner's peak-memory estimate uses it.
+    ``stream``: how the method runs chunk by chunk (``merge.methods.stream``), or ``None``:
+    the executor then reads each tensor whole and calls ``fn``. A streamed method's ``fn`` must
+    give the same result as its stream (``stream.whole`` builds it from the stream).
     ``check``: optional rule across parameters (e.g. della's ``density +/- epsilon`` in (0, 1))
     that the planner runs on each tensor's effective ``params``, with ``models`` the input
     model references aligned with per-model lists; it returns messages (naming the model where
@@ -175,6 +178,7 @@ class Method:
     workspace: tuple[float, float] = (1.0, 2.0)
     fixes: str = ""
     check: ParamCheck | None = None
+    stream: Callable[..., Any] | None = None
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called ``name``, or ``None``."""

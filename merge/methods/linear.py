@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from merge.methods.base import Method, Param
+from merge.methods.stream import Elementwise
 
 __all__ = ["LINEAR", "PASSTHROUGH", "linear", "passthrough"]
 
@@ -58,6 +59,7 @@ LINEAR = Method(
     paper="https://arxiv.org/abs/2203.05482",
     description="weighted average of the models' tensors",
     workspace=(0.0, 2.0),
+    stream=Elementwise.of(linear),
     fixes="a base_model without a weight is reported at validation with a hint "
     "(mergekit crashes mid-merge)",
 )

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
+from merge.methods.stream import Streamed, whole
 
-__all__ = ["DOT_THRESHOLD", "EPS", "SLERP", "slerp", "slerp_tensors"]
+__all__ = ["DOT_THRESHOLD", "EPS", "SLERP", "SlerpStream", "slerp", "slerp_tensors"]
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -52,13 +53,52 @@ def slerp_tensors(t: float, x0: Tensor, x1: Tensor) -> Tensor:
     return x0 * s0 + x1 * s1
 
 
-def slerp(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Slerp between ``base`` (t=0) and the single other tensor (t=1) at ``params["t"]``."""
-    if base is None or len(tensors) != 1:
-        raise ValueError(f"slerp needs a base and exactly one other tensor, got {len(tensors)}")
-    return slerp_tensors(float(params["t"]), base, tensors[0])
+class SlerpStream(Streamed):
+    """``slerp`` over chunks: one pass sums the dot product and squared norms (float64
+    accumulators of per-chunk float32 sums), then each chunk is ``s0 * base + s1 * x``."""
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], rng: Any = None) -> None:
+        self.t = float(params["t"])
+        self.passes = 0 if self.t in (0.0, 1.0) else 1
+        self._sums = [0.0, 0.0, 0.0]  # x0.x0, x1.x1, x0.x1
+        self.coef = (1.0 - self.t, self.t)
+
+    @staticmethod
+    def _pair(xs: list[Tensor], base: Tensor | None) -> tuple[Tensor, Tensor]:
+        if base is None or len(xs) != 1:
+            raise ValueError(f"slerp needs a base and exactly one other tensor, got {len(xs)}")
+        return base, xs[0]
+
+    def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
+        x0, x1 = self._pair(xs, base)
+        # torch's own reductions (not BLAS, whose threading torch does not pin)
+        self._sums[0] += float((x0 * x0).sum(dtype=torch.float64))
+        self._sums[1] += float((x1 * x1).sum(dtype=torch.float64))
+        self._sums[2] += float((x0 * x1).sum(dtype=torch.float64))
+
+    def end_pass(self, step: int) -> None:
+        n0, n1 = math.sqrt(self._sums[0]), math.sqrt(self._sums[1])
+        dot = self._sums[2] / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+        if abs(dot) <= DOT_THRESHOLD:
+            theta = math.acos(dot)
+            sin_theta = math.sin(theta)
+            t = self.t
+            self.coef = (math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta)
+
+    def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
+        x0, x1 = self._pair(xs, base)
+        if self.t == 0.0:
+            return x0
+        if self.t == 1.0:
+            return x1
+        return x0 * self.coef[0] + x1 * self.coef[1]
+
+
+slerp = whole(
+    SlerpStream,
+    "slerp",
+    "Slerp between ``base`` (t=0) and the single other tensor (t=1) at ``params['t']``.",
+)
 
 
 SLERP = Method(
@@ -73,4 +113,5 @@ SLERP = Method(
     paper="https://en.wikipedia.org/wiki/Slerp",
     description="spherical interpolation between the base model and one other model",
     workspace=(0.0, 2.5),
+    stream=SlerpStream,
 )

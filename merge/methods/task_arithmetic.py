@@ -26,6 +26,13 @@ della_linear     della        no        normalize false, rescale true, epsilon 0
 della            della        yes       normalize true, rescale true, epsilon 0.15
 ================ ============ ========= =================================================
 
+Each method is a ``TaskVectors`` stream (``merge.methods.stream``): the executor runs it chunk
+by chunk, and the plain function runs the same chunks over tensors in memory. Statistics
+passes come first where a tensor-wide quantity is needed: two radix-select passes for the
+magnitude cuts of ``ties`` (local trim) and ``breadcrumbs``, one pass for the L1 sums of the
+``l1`` rescale (random masks are drawn again, identically, in the merge pass). Each model
+draws from its own generator, seeded in model order from the tensor's ``rng``.
+
 ``int8_mask`` is accepted for mergekit compatibility; it only ever saved memory, and here the
 sign masks are transient booleans, so there is nothing left for it to save: results are
 identical either way. The ``Method`` declarations live in ``task_family.py``.
@@ -40,9 +47,17 @@ from torch import Tensor
 
 from merge.methods import sparsify
 from merge.methods.base import MethodFn
-from merge.methods.sparsify import Sparsifier
+from merge.methods.stream import (
+    Cut,
+    Streamed,
+    StreamFactory,
+    magnitude_bits,
+    model_generators,
+    whole,
+)
 
 __all__ = [
+    "TaskVectors",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_linear",
@@ -51,46 +66,22 @@ __all__ = [
     "della_linear",
     "disjoint_merge",
     "elect_signs",
+    "family",
     "linear_merge",
-    "merge_task_vectors",
     "per_model",
-    "pipeline",
     "task_arithmetic",
     "ties",
-    "weighted_task_vectors",
 ]
+
+Kind = str | None  # the sparsifier: "magnitude", "bernoulli", "breadcrumbs", "della" or None
 
 
 # --- the steps ------------------------------------------------------------------------------
-# Memory: the executor holds the inputs; the steps add one weighted task vector per model plus
-# a few accumulators, and free everything else as they go (the temporaries they create are
-# their own, so they are updated in place; inputs are never touched).
 
 
 def per_model(params: dict[str, Any], i: int) -> dict[str, Any]:
     """Model ``i``'s values of the per-model (list-valued) parameters."""
     return {name: value[i] for name, value in params.items() if isinstance(value, list)}
-
-
-def weighted_task_vectors(
-    tensors: list[Tensor],
-    base: Tensor,
-    params: dict[str, Any],
-    sparsifier: Sparsifier | None,
-    rng: torch.Generator | None,
-) -> list[Tensor]:
-    """``o_i = w_i e_i`` with ``d_i = x_i - b`` and ``e_i`` = ``d_i`` sparsified with model
-    i's options, then rescaled (``params["rescale"]``); in model order so draws reproduce."""
-    mode = sparsify.rescale_mode(params.get("rescale", False))
-    out = []
-    for i, x in enumerate(tensors):
-        d = x - base
-        e = d
-        if sparsifier is not None:
-            e = sparsify.rescale(sparsifier(d, per_model(params, i), rng), d, mode)
-        del d
-        out.append(e.mul_(float(params["weight"][i])))  # e is a fresh temporary of ours
-    return out
 
 
 def elect_signs(weighted: list[Tensor]) -> Tensor:
@@ -105,10 +96,11 @@ def disjoint_merge(
     never agree) and ``D = sum_i m_i w_i`` (0 replaced by 1) if ``normalize``, else 1.
 
     Consumes ``weighted`` (its tensors are zeroed where they disagree)."""
+    sign = positive.to(weighted[0].dtype).mul_(2).sub_(1)  # +1 / -1: o * sign > 0 iff agree
     combined = torch.zeros_like(weighted[0])
     divisor = torch.zeros_like(weighted[0]) if normalize else None
     for o, w in zip(weighted, weights, strict=True):
-        agree = torch.where(positive, o > 0, o < 0)
+        agree = (o * sign) > 0
         combined.add_(o.mul_(agree))
         if divisor is not None:
             divisor.add_(agree.to(divisor.dtype).mul_(float(w)))
@@ -132,87 +124,189 @@ def _sum(tensors: list[Tensor]) -> Tensor:
     return out
 
 
-# --- the pipeline ---------------------------------------------------------------------------
+# --- one tensor, chunk by chunk --------------------------------------------------------------
 
 
-def merge_task_vectors(
-    tensors: list[Tensor],
-    base: Tensor | None,
-    params: dict[str, Any],
-    rng: torch.Generator | None,
-    *,
-    sparsifier: Sparsifier | None,
-    consensus: bool,
-) -> Tensor:
-    """Run the steps: task vectors -> sparsify -> weight -> sign consensus -> combine."""
+class TaskVectors(Streamed):
+    """One tensor of a task-vector method over chunks (see the module notes): the cut passes
+    (magnitude, breadcrumbs), the L1 pass (``rescale: l1``), then the merge."""
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        shape: tuple[int, ...],
+        rng: torch.Generator | None,
+        kind: Kind,
+        consensus: bool,
+    ) -> None:
+        if params.get("trim") == "global" and "trim_threshold" not in params:
+            raise ValueError("ties with trim: global needs the thresholds of merge.globaltrim")
+        self.params, self.kind, self.consensus = params, kind, consensus
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        n = len(params["weight"])
+        self.opts = [per_model(params, i) for i in range(n)]
+        self.mode = sparsify.rescale_mode(params.get("rescale", False))
+        given = kind == "magnitude" and "trim_threshold" in params
+        density = [float(o.get("density", 1.0)) for o in self.opts]
+        self.sparse = [kind is not None and numel > 0 and (d < 1 or given) for d in density]
+        self.keep: list[float] = []  # the kept fraction (inverse_density rescale)
+        self.cuts: list[list[Cut]] = []
+        for i, d in enumerate(density):
+            cuts: list[Cut] = []
+            keep = d
+            if self.sparse[i] and given:
+                t, eq = params["trim_threshold"][i], params["trim_equal"][i]
+                cuts = [Cut.given(t, eq, numel)]
+            elif self.sparse[i] and kind == "magnitude":
+                cuts = [Cut(int(d * numel), numel)]
+                keep = cuts[0].k / numel
+            elif self.sparse[i] and kind == "breadcrumbs":
+                top, kept = sparsify.band_counts(numel, d, float(self.opts[i].get("gamma", 0.0)))
+                cuts = [Cut(top, numel), Cut(top + kept, numel)]
+                keep = kept / numel
+            self.cuts.append(cuts)
+            self.keep.append(keep)
+        self.row = (shape[-1] if len(shape) > 1 else max(numel, 1)) if kind == "della" else 1
+        random = kind in ("bernoulli", "della") and any(self.sparse)
+        self.gens = model_generators(rng, n) if random else []
+        self._cutting = any(not c.trivial for cuts in self.cuts for c in cuts)
+        self.l1 = self.mode == "l1" and any(self.sparse)
+        self.passes = 2 * self._cutting + self.l1
+        self._sums = [[0.0, 0.0] for _ in range(n)]  # |d|_1, |e|_1
+        self.factor = [1.0] * n
+        self._states = [g.get_state() for g in self.gens] if self.l1 else []
+
+    def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
+        base = _need_base(base)
+        if self._cutting and step < 2:
+            for x, cuts in zip(xs, self.cuts, strict=True):
+                if any(not c.trivial for c in cuts):
+                    bits = magnitude_bits(x - base)
+                    for cut in cuts:
+                        cut.observe(step, bits)
+            return
+        for i, x in enumerate(xs):  # the L1 pass
+            if self.sparse[i]:
+                d = x - base
+                self._sums[i][0] += float(d.abs().sum(dtype=torch.float64))
+                e, _ = self._prune(i, d)
+                self._sums[i][1] += float(e.abs().sum(dtype=torch.float64))
+
+    def end_pass(self, step: int) -> None:
+        if self._cutting and step < 2:
+            for cuts in self.cuts:
+                for cut in cuts:
+                    cut.end_pass(step)
+        if step == self.passes - 1:  # the merge pass comes next
+            for cuts in self.cuts:
+                for cut in cuts:
+                    cut.rewind()  # the L1 pass used up the tie quotas
+            for g, state in zip(self.gens, self._states, strict=False):
+                g.set_state(state)  # and the merge draws the L1 pass's masks again
+            for i, (dsum, esum) in enumerate(self._sums):
+                self.factor[i] = dsum / esum if esum != 0 else 1.0
+
+    def _prune(self, i: int, d: Tensor) -> tuple[Tensor, Tensor | float]:
+        """Model ``i``'s sparsified chunk (``d`` is ours: masked in place) and its keep."""
+        opts = self.opts[i]
+        if self.kind in ("bernoulli", "della"):
+            p: Tensor | float = float(opts["density"])
+            if self.kind == "della":
+                rows = d.view(-1, self.row)
+                eps = float(opts.get("epsilon", 0.0))
+                p = sparsify.rank_keep_probability(rows, float(p), eps).view(-1)
+            draw = torch.rand(d.shape, generator=self.gens[i], dtype=torch.float32)
+            return d.mul_(draw.to(d.device) < p), p
+        mags = d.abs()
+        mask = self.cuts[i][-1].mask(mags)
+        if self.kind == "breadcrumbs":
+            mask &= ~self.cuts[i][0].mask(mags)
+        return d.mul_(mask), self.keep[i]
+
+    def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
+        base = _need_base(base)
+        weights = self.params["weight"]
+        weighted = []
+        for i, x in enumerate(xs):
+            e = x - base
+            if self.sparse[i]:
+                e, keep = self._prune(i, e)
+                if self.mode == "l1":
+                    e.mul_(self.factor[i])
+                elif self.mode == "inverse_density":
+                    e = _inverse_density(e, keep)
+            weighted.append(e.mul_(float(weights[i])))
+        if self.consensus:
+            combined = disjoint_merge(
+                weighted, weights, elect_signs(weighted), self.params["normalize"]
+            )
+        else:
+            combined = linear_merge(weighted, weights, self.params["normalize"])
+        del weighted
+        return combined.mul_(float(self.params["lambda"])).add_(base)
+
+
+def _need_base(base: Tensor | None) -> Tensor:
     if base is None:
         raise ValueError("task-vector methods need a base tensor, got None")
-    if params.get("trim") == "global" and "trim_threshold" not in params:
-        raise ValueError("ties with trim: global needs the thresholds of merge.globaltrim")
-    weights = params["weight"]
-    weighted = weighted_task_vectors(tensors, base, params, sparsifier, rng)
-    if consensus:
-        combined = disjoint_merge(weighted, weights, elect_signs(weighted), params["normalize"])
-    else:
-        combined = linear_merge(weighted, weights, params["normalize"])
-    del weighted
-    return combined.mul_(float(params["lambda"])).add_(base)
+    return base
 
 
-def pipeline(sparsifier: Sparsifier | None, consensus: bool, name: str, doc: str) -> MethodFn:
-    """The method function that runs ``merge_task_vectors`` with one sparsifier and consensus
-    choice: every family member is one of these, none has its own copy of the steps."""
-
-    def fn(
-        tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-    ) -> Tensor:
-        return merge_task_vectors(
-            tensors, base, params, rng, sparsifier=sparsifier, consensus=consensus
-        )
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = doc
-    return fn
+def _inverse_density(e: Tensor, keep: Tensor | float) -> Tensor:
+    if isinstance(keep, Tensor):
+        return e.div_(keep)  # zeros stay zeros: every p > 0
+    return e if keep <= 0 or keep >= 1 else e.div_(keep)
 
 
-task_arithmetic = pipeline(
+def family(kind: Kind, consensus: bool) -> StreamFactory:
+    """The ``TaskVectors`` factory of one sparsifier and consensus choice."""
+    return lambda params, shape, rng: TaskVectors(params, shape, rng, kind, consensus)
+
+
+def _method(kind: Kind, consensus: bool, name: str, doc: str) -> MethodFn:
+    return whole(family(kind, consensus), name, doc)
+
+
+task_arithmetic = _method(
     None,
     False,
     "task_arithmetic",
     "``b + lambda * sum w_i d_i`` (divided by ``sum w_i`` if normalize).",
 )
-ties = pipeline(
-    sparsify.magnitude,
+ties = _method(
+    "magnitude",
     True,
     "ties",
     "Magnitude top-k per model (per tensor, or over the whole model with ``trim: global``: the "
     "executor then adds each model's ``trim_threshold``/``trim_equal``), then sign consensus "
     "and disjoint (normalized) merge.",
 )
-dare_linear = pipeline(
-    sparsify.bernoulli, False, "dare_linear", "Bernoulli(density) keep mask, rescale, weighted sum."
+dare_linear = _method(
+    "bernoulli", False, "dare_linear", "Bernoulli(density) keep mask, rescale, weighted sum."
 )
-dare_ties = pipeline(
-    sparsify.bernoulli, True, "dare_ties", "Bernoulli(density) keep mask, rescale, sign consensus."
+dare_ties = _method(
+    "bernoulli", True, "dare_ties", "Bernoulli(density) keep mask, rescale, sign consensus."
 )
-breadcrumbs = pipeline(
-    sparsify.breadcrumbs,
+breadcrumbs = _method(
+    "breadcrumbs",
     False,
     "breadcrumbs",
     "Drop each task vector's largest (gamma) and smallest entries, add the weighted sum.",
 )
-breadcrumbs_ties = pipeline(
-    sparsify.breadcrumbs,
+breadcrumbs_ties = _method(
+    "breadcrumbs",
     True,
     "breadcrumbs_ties",
     "Breadcrumbs' band of magnitudes per model, then TIES sign consensus.",
 )
-della_linear = pipeline(
-    sparsify.della,
+della_linear = _method(
+    "della",
     False,
     "della_linear",
     "Keep entries with rank-based probabilities (MagPrune), rescale, add the weighted sum.",
 )
-della = pipeline(
-    sparsify.della, True, "della", "MagPrune keep mask per model, rescale, then sign consensus."
+della = _method(
+    "della", True, "della", "MagPrune keep mask per model, rescale, then sign consensus."
 )

@@ -94,6 +94,7 @@ def _family(name: str, **kw: Any) -> Method:
 TASK_ARITHMETIC = _family(
     "task_arithmetic",
     fn=fns.task_arithmetic,
+    stream=fns.family(None, False),
     params=(_WEIGHT, _normalize(False), _LAMBDA),
     paper="https://arxiv.org/abs/2212.04089",
     description="add weighted task vectors (model - base) to the base",
@@ -112,6 +113,7 @@ _TRIM = Param(
 TIES = _family(
     "ties",
     fn=fns.ties,
+    stream=fns.family("magnitude", True),
     params=(*_SPARSE, _normalize(True), _LAMBDA, _INT8, _rescale(False), _TRIM),
     paper="https://arxiv.org/abs/2306.01708",
     description="trim task vectors to their largest entries, elect signs, merge the agreeing ones",
@@ -120,6 +122,7 @@ TIES = _family(
 DARE_LINEAR = _family(
     "dare_linear",
     fn=fns.dare_linear,
+    stream=fns.family("bernoulli", False),
     params=(*_SPARSE, _normalize(False), _rescale(True), _LAMBDA, _INT8),
     paper="https://arxiv.org/abs/2311.03099",
     description="randomly drop task-vector entries, rescale, add the weighted sum to the base",
@@ -129,6 +132,7 @@ DARE_LINEAR = _family(
 DARE_TIES = _family(
     "dare_ties",
     fn=fns.dare_ties,
+    stream=fns.family("bernoulli", True),
     params=(*_SPARSE, _normalize(False), _rescale(True), _LAMBDA, _INT8),
     paper="https://arxiv.org/abs/2311.03099",
     description="randomly drop task-vector entries, rescale, elect signs, merge the agreeing ones",
@@ -138,6 +142,7 @@ DARE_TIES = _family(
 BREADCRUMBS = _family(
     "breadcrumbs",
     fn=fns.breadcrumbs,
+    stream=fns.family("breadcrumbs", False),
     params=(*_SPARSE, _GAMMA, _normalize(False), _rescale(False), _LAMBDA, _INT8),
     paper="https://arxiv.org/abs/2312.06795",
     description="drop each task vector's largest (gamma) and smallest entries, add the rest",
@@ -147,6 +152,7 @@ BREADCRUMBS = _family(
 BREADCRUMBS_TIES = _family(
     "breadcrumbs_ties",
     fn=fns.breadcrumbs_ties,
+    stream=fns.family("breadcrumbs", True),
     params=(*_SPARSE, _GAMMA, _normalize(False), _rescale(False), _LAMBDA, _INT8),
     paper="https://arxiv.org/abs/2312.06795",
     description="drop each task vector's largest and smallest entries, elect signs, merge",
@@ -156,6 +162,7 @@ BREADCRUMBS_TIES = _family(
 DELLA_LINEAR = _family(
     "della_linear",
     fn=fns.della_linear,
+    stream=fns.family("della", False),
     params=(*_SPARSE, _EPSILON, _normalize(False), _rescale(True), _LAMBDA, _INT8),
     paper="https://arxiv.org/abs/2406.11617",
     description="drop entries at random, small ones more often (by rank), add the weighted sum",
@@ -166,6 +173,7 @@ DELLA_LINEAR = _family(
 DELLA = _family(
     "della",
     fn=fns.della,
+    stream=fns.family("della", True),
     params=(*_SPARSE, _EPSILON, _normalize(True), _rescale(True), _LAMBDA, _INT8),
     paper="https://arxiv.org/abs/2406.11617",
     description="drop entries at random, small ones more often (by rank), elect signs, merge",

@@ -1,0 +1,134 @@
+"""Chunked merging (merge.methods.stream): any chunk size gives the same output as one chunk,
+exact cuts across chunks keep exactly k with ties in flattened order, and the executor's
+streamed path writes the same bytes as the whole-tensor path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_parallel import recipes, shard_bytes
+
+import merge.methods.stream as stream
+from merge.methods import get_method
+from merge.methods.stream import Cut, chunk_bounds, magnitude_bits
+from support import run_recipe
+
+SHAPE = (37, 11)  # 407 entries: chunks of 7 and 64 entries split rows and leave a short tail
+
+
+def tensors(seed: int, n: int, quantized: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=g)
+    xs = [base + torch.randn(SHAPE, generator=g) for _ in range(n)]
+    if quantized:  # few distinct magnitudes: many exact ties at every cut
+        xs = [base + torch.round(x - base) / 4 for x in xs]
+    return xs, base
+
+
+# every method whose ``fn`` runs its stream (``stream.whole``); linear's stream is its plain
+# elementwise function, covered by the executor tests (streamed vs the whole-tensor path)
+CASES: list[tuple[str, dict[str, Any], bool]] = [
+    ("slerp", {"t": 0.3}, True),
+    ("task_arithmetic", {"weight": [0.7, -0.4, 1.1], "normalize": False, "lambda": 0.9}, True),
+    ("ties", {"density": [0.3, 0.5, 0.71]}, True),
+    ("ties", {"density": [0.3, 0.5, 0.71], "rescale": "inverse_density"}, True),
+    ("dare_ties", {"density": [0.3, 0.5, 0.7], "rescale": "inverse_density"}, True),
+    ("dare_linear", {"density": [0.3, 0.5, 0.7], "rescale": False}, True),
+    ("dare_ties", {"density": [0.3, 0.5, 0.7]}, False),  # l1: float64 sums over chunks
+    ("breadcrumbs", {"density": [0.4, 0.6, 0.5], "gamma": [0.05, 0.1, 0.0]}, True),
+    ("breadcrumbs_ties", {"density": [0.4, 0.6, 0.5], "gamma": [0.05, 0.1, 0.2]}, True),
+    ("della", {"density": [0.4, 0.6, 0.5], "epsilon": [0.1, 0.2, 0.3]}, False),
+    ("della_linear", {"density": [0.4, 0.6, 0.5], "rescale": False}, True),
+]
+
+
+def call(name: str, params: dict[str, Any], quantized: bool) -> torch.Tensor:
+    method = get_method(name)
+    xs, base = tensors(3, 1 if name == "slerp" else 3, quantized)
+    models = len(xs) + (method.base == "input")
+    full: dict[str, Any] = {}
+    for p in method.params:
+        default = None if p.required else p.default
+        value = params.get(p.name, default if p.name != "weight" else [1.0] * models)
+        full[p.name] = value if not p.per_model or isinstance(value, list) else [value] * models
+    rng = torch.Generator().manual_seed(11) if method.random else None
+    inputs = [base, *xs] if method.base == "input" else xs
+    return method.fn(inputs, None if method.base == "input" else base, full, rng)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize(("name", "params", "exact"), CASES)
+def test_any_chunk_size_gives_the_one_chunk_result(
+    name: str, params: dict[str, Any], exact: bool, quantized: bool, monkeypatch: Any
+) -> None:
+    assert get_method(name).stream is not None
+    want = call(name, params, quantized)  # one chunk: 407 entries < CHUNK_ELEMENTS
+    for size in (7, 64, 400):
+        monkeypatch.setattr(stream, "CHUNK_ELEMENTS", size)
+        got = call(name, params, quantized)
+        if exact:
+            assert torch.equal(got, want), (name, size)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_chunk_bounds_are_whole_rows_and_cover_the_tensor() -> None:
+    assert chunk_bounds(10, 1, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(12, 5, 4) == [(0, 5), (5, 10), (10, 12)]  # a row never splits
+    assert chunk_bounds(30, 5, 12) == [(0, 10), (10, 20), (20, 30)]
+    assert chunk_bounds(0, 3) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cut_over_chunks_keeps_exactly_k_with_ties_in_flat_order(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=g))
+    d = torch.randint(-6, 7, (n,), generator=g).float() / 3  # heavy ties, zeros included
+    k = int(torch.randint(0, n + 1, (1,), generator=g))
+    size = int(torch.randint(1, 50, (1,), generator=g))
+    bounds = chunk_bounds(n, 1, size)
+    cut = Cut(k, n)
+    for step in range(2):
+        for a, b in bounds:
+            cut.observe(step, magnitude_bits(d[a:b]))
+        cut.end_pass(step)
+    for _ in range(2):  # the L1 pass and the merge pass mask the same entries
+        got = torch.cat([cut.mask(d[a:b].abs()) for a, b in bounds])
+        cut.rewind()
+        order = sorted(range(n), key=lambda i: (-abs(float(d[i])), i))
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della"])
+def test_executor_chunk_size_does_not_change_the_bytes(
+    tmp_path: Path,
+    method: str,
+    llama_base: Path,
+    llama_ft1: Path,
+    llama_ft2: Path,
+    monkeypatch: Any,
+) -> None:
+    recipe = recipes(llama_base, llama_ft1, llama_ft2)[method]
+    want = shard_bytes(run_recipe(tmp_path, recipe, "default", threads=2))
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 96)  # many chunks per tensor
+    small = run_recipe(tmp_path, recipe, "small-chunks", threads=2)
+    if method == "dare_ties" or method == "della":  # l1 sums round per chunk in float64
+        got, ref = _load(small), _load(tmp_path / "default")
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=2e-3, atol=1e-6)
+    else:
+        assert shard_bytes(small) == want
+
+
+def _load(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in out.glob("*.safetensors"):
+        state.update(load_file(str(f)))
+    return state
