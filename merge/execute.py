@@ -256,7 +256,9 @@ def _trim_params(plan: Plan, show: bool, threads: int) -> dict[str, dict[str, An
         bars.append(bar)
         return lambda job: bar.update(1)
 
-    chunks = partial_chunks(plan)
+    def chunks(job: TensorJob) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        return job_chunks(plan, job)
+
     try:
         trim = GlobalTrim.compute(jobs, chunks, step)
         counts: list[dict[str, int]] = [{} for _ in jobs]
@@ -273,11 +275,6 @@ def _trim_params(plan: Plan, show: bool, threads: int) -> dict[str, dict[str, An
         for bar in bars:
             bar.close()
     return {j.name: p for j, p in zip(jobs, trim.allot(jobs, counts), strict=True)}
-
-
-def partial_chunks(plan: Plan) -> Callable[[TensorJob], Iterator[Any]]:
-    """``chunks(job)`` of ``plan`` (``job_chunks`` with the plan bound)."""
-    return lambda job: job_chunks(plan, job)
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,10 @@ from torch import Tensor
 
 from merge.jobs import TensorJob
 from merge.methods.radix import (
-    HIGH_BINS,
     LOW_BINS,
-    LOW_BITS,
     high_bin,
+    high_histogram,
+    low_histogram,
     magnitude_bits,
     threshold_of,
 )
@@ -108,8 +108,7 @@ class GlobalTrim:
                 total[inp.model] = total.get(inp.model, 0) + job.numel
             for tensors, base in read_job(job):
                 for inp, x in zip(job.inputs, tensors, strict=True):
-                    bits = delta_bits(x, base)
-                    h = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
+                    h = high_histogram(delta_bits(x, base))
                     hist[inp.model] = hist[inp.model] + h if inp.model in hist else h
             if step:
                 step(job)
@@ -147,8 +146,7 @@ class GlobalTrim:
                     if inp.model not in pending:
                         continue
                     bits = delta_bits(x, base)
-                    inside = bits[(bits >> LOW_BITS) == pending[inp.model][0]]
-                    low[inp.model] += torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
+                    low[inp.model] += low_histogram(bits, pending[inp.model][0])
             if step:
                 step(job)
         cuts = {}

@@ -13,7 +13,8 @@ from test_parallel import recipes, shard_bytes
 
 import merge.methods.stream as stream
 from merge.methods import get_method
-from merge.methods.stream import Cut, chunk_bounds, magnitude_bits
+from merge.methods.radix import magnitude_bits
+from merge.methods.stream import Cut, chunk_bounds
 from support import run_recipe
 
 SHAPE = (37, 11)  # 407 entries: chunks of 7 and 64 entries split rows and leave a short tail

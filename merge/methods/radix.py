@@ -25,7 +25,9 @@ __all__ = [
     "LOW_BINS",
     "LOW_BITS",
     "high_bin",
+    "high_histogram",
     "kth_largest",
+    "low_histogram",
     "magnitude_bits",
     "threshold_of",
 ]
@@ -38,6 +40,17 @@ LOW_BINS = 1 << LOW_BITS
 def magnitude_bits(d: Tensor) -> Tensor:
     """``|d|`` in float32, flattened and viewed as int32 bit patterns (ordered like values)."""
     return d.to(torch.float32).abs().reshape(-1).view(torch.int32)
+
+
+def high_histogram(bits: Tensor) -> Tensor:
+    """Counts of the top 16 magnitude bits (``HIGH_BINS`` int64 counters)."""
+    return torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
+
+
+def low_histogram(bits: Tensor, high: int) -> Tensor:
+    """Counts of the low 15 bits of the entries whose top 16 bits are ``high``."""
+    inside = bits[(bits >> LOW_BITS) == high]
+    return torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
 
 
 def high_bin(hist: Tensor, k: int) -> tuple[int, int]:
@@ -57,9 +70,7 @@ def threshold_of(high: int, low: int) -> float:
 def kth_largest(bits: Tensor, k: int) -> tuple[float, int]:
     """``(T, equal)`` for ``1 <= k <= bits.numel()``: ``T`` is the k-th largest magnitude and
     ``equal`` how many entries equal to ``T`` are among the k largest (the rest are above)."""
-    hist = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
-    b, above = high_bin(hist, k)
-    inside = bits[(bits >> LOW_BITS) == b]
-    low = torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
+    b, above = high_bin(high_histogram(bits), k)
+    low = low_histogram(bits, b)
     t, above_in_bin = high_bin(low, k - above)
     return threshold_of(b, t), k - above - above_in_bin

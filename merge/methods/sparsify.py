@@ -1,13 +1,11 @@
-"""Named sparsification and rescale steps for task vectors ``d = x - b``.
+"""Sparsification masks, keep probabilities and the rescale option for task vectors
+``d = x - b``: the pieces ``merge.methods.task_arithmetic.TaskVectors`` merges with.
 
-A sparsifier maps ``(d, opts, rng)`` to a ``Pruned``: ``values``, a copy of ``d`` with some
-entries zeroed (``d`` itself when nothing is dropped; ``d`` is never modified), and ``keep``,
-the probability (or fraction) with which the kept entries were kept, for the
-``inverse_density`` rescale. ``opts`` holds one model's per-model parameters (``density``,
-``gamma``, ``epsilon``, ...). ``density >= 1`` keeps everything and draws nothing.
+The sparsifiers, by the ``kind`` of ``TaskVectors`` (``keep`` is what ``inverse_density``
+divides by; ``density >= 1`` keeps everything and draws nothing):
 
 ================ ========================================================== ==================
-sparsifier       kept entries                                               ``keep``
+kind             kept entries                                               ``keep``
 ================ ========================================================== ==================
 ``magnitude``    exactly ``k = int(density * n)`` largest ``|d|`` (TIES)   ``k / n``
 ``bernoulli``    each with probability ``density`` (DARE)                   ``density``
@@ -20,8 +18,9 @@ Papers: TIES https://arxiv.org/abs/2306.01708, DARE https://arxiv.org/abs/2311.0
 Breadcrumbs https://arxiv.org/abs/2312.06795, DELLA https://arxiv.org/abs/2406.11617.
 
 Exact counts: ``magnitude`` and ``breadcrumbs`` keep exactly their counts even with tied
-magnitudes (``torch.topk`` breaks the ties). Breadcrumbs' band is one ``topk`` of ``top + k``
-candidates, then the ``top`` largest of those are dropped, so the two cuts nest. **Fix vs
+magnitudes (exact radix cuts, ties to the first entries in flattened order:
+``merge.methods.stream.Cut``). Breadcrumbs' band is the top ``top + k`` minus the top ``top``;
+the two cuts nest. **Fix vs
 mergekit:** when ``int(gamma * n) == 0`` mergekit keeps ``sorted[n_bot:-0]``, an empty slice,
 and zeroes the whole tensor (every small norm vector); here no top entry is dropped then.
 
@@ -35,8 +34,8 @@ this before any data is read; here it is a ``ValueError``). mergekit ranks along
 is the last dim for every 1-D and 2-D tensor.
 
 Random draws (``bernoulli`` and ``della``): one ``torch.rand(d.shape, generator=rng)`` per
-call, an entry is kept where the draw is ``< p`` (``p = density`` for ``bernoulli``); so with
-``epsilon = 0`` della draws exactly DARE's mask.
+model's chunk, from that model's generator; an entry is kept where the draw is ``< p``
+(``p = density`` for ``bernoulli``), so with ``epsilon = 0`` della draws exactly DARE's mask.
 
 Rescale (``rescale`` parameter, see ``rescale_mode``): ``l1`` (``true``, mergekit's) gives
 ``e * |d|_1 / |e|_1`` (unchanged when ``|e|_1 == 0``); ``inverse_density`` (the papers')
@@ -47,8 +46,7 @@ Everything here is pure: inputs are never modified, the global RNG is never used
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
@@ -57,37 +55,18 @@ from torch import Tensor
 from merge.methods.radix import kth_largest
 
 __all__ = [
-    "SPARSIFIERS",
-    "Pruned",
     "RescaleMode",
-    "Sparsifier",
     "band_counts",
-    "band_mask",
-    "bernoulli",
     "bernoulli_mask",
-    "breadcrumbs",
-    "della",
     "della_bounds_problem",
-    "l1_rescale",
-    "magnitude",
+    "draw",
     "magnitude_mask",
-    "threshold_mask",
     "rank_keep_probability",
-    "rescale",
     "rescale_mode",
+    "threshold_mask",
 ]
 
 RescaleMode = Literal["l1", "inverse_density"] | None
-
-
-class Pruned(NamedTuple):
-    """A sparsified task vector and the probability (or fraction) its kept entries had."""
-
-    values: Tensor
-    keep: Tensor | float
-
-
-Sparsifier = Callable[[Tensor, Mapping[str, Any], "torch.Generator | None"], Pruned]
 
 
 # --- masks ----------------------------------------------------------------------------------
@@ -127,7 +106,7 @@ def bernoulli_mask(d: Tensor, density: float, rng: torch.Generator | None) -> Te
     """Bool mask keeping each entry with probability ``density`` (drawn from ``rng`` only)."""
     if density >= 1:
         return torch.ones(d.shape, dtype=torch.bool, device=d.device)
-    return _draw(d, rng, "bernoulli") < density
+    return draw(d, rng, "bernoulli") < density
 
 
 def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
@@ -138,27 +117,6 @@ def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     if bottom < 0:  # not enough left below the top: drop fewer from the top
         top += bottom
     return top, keep
-
-
-def band_mask(d: Tensor, density: float, gamma: float) -> Tensor:
-    """Bool mask of the entries ranked ``[top, top + keep)`` by ``|d|`` from the largest
-    (``band_counts``): exactly ``keep`` entries, ties broken by ``torch.topk``."""
-    n = d.numel()
-    top, keep = band_counts(n, density, gamma)
-    mask = torch.zeros(n, dtype=torch.bool, device=d.device)
-    if keep == 0:
-        return mask.reshape(d.shape)
-    mags = d.reshape(-1).abs()
-    if top + keep < n:
-        candidates = torch.topk(mags, top + keep, sorted=False).indices
-    else:
-        candidates = torch.arange(n, device=d.device)
-    if top > 0:
-        chosen = torch.ones(candidates.numel(), dtype=torch.bool, device=d.device)
-        chosen[torch.topk(mags[candidates], top, sorted=False).indices] = False
-        candidates = candidates[chosen]
-    mask[candidates] = True
-    return mask.reshape(d.shape)
 
 
 def della_bounds_problem(density: float, epsilon: float, where: str = "") -> str | None:
@@ -204,75 +162,12 @@ def _row_order(mags: Tensor) -> Tensor:
     return torch.from_numpy(ordered & 0xFFFFFFFF)
 
 
-def _draw(d: Tensor, rng: torch.Generator | None, what: str) -> Tensor:
+def draw(d: Tensor, rng: torch.Generator | None, what: str) -> Tensor:
+    """One uniform float32 draw per entry of ``d`` from ``rng`` (``what``: for the error)."""
     if rng is None:
         raise ValueError(f"{what} sparsification needs a seeded torch.Generator, got None")
     draw = torch.rand(d.shape, generator=rng, dtype=torch.float32, device=rng.device)
     return draw.to(d.device)
-
-
-# --- sparsifiers ----------------------------------------------------------------------------
-
-
-def _density(opts: Mapping[str, Any]) -> float:
-    return float(opts.get("density", 1.0))
-
-
-def _kept_fraction(n: int, density: float) -> float:
-    return min(int(density * n), n) / n
-
-
-def _masked(d: Tensor, mask: Tensor, keep: Tensor | float) -> Pruned:
-    return Pruned(d * mask, keep)
-
-
-def magnitude(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None = None) -> Pruned:
-    """Keep exactly ``int(density * n)`` largest ``|d|``; ``rng`` is unused. With the options
-    ``trim_threshold``/``trim_equal`` (``trim: global``), keep this tensor's share of the
-    whole-model top-k instead (``threshold_mask``)."""
-    density = _density(opts)
-    if "trim_threshold" in opts:
-        mask = threshold_mask(d, float(opts["trim_threshold"]), int(opts["trim_equal"]))
-        return _masked(d, mask, density)
-    if density >= 1 or d.numel() == 0:
-        return Pruned(d, 1.0)
-    return _masked(d, magnitude_mask(d, density), _kept_fraction(d.numel(), density))
-
-
-def bernoulli(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None) -> Pruned:
-    """Keep each entry with probability ``density``."""
-    density = _density(opts)
-    if density >= 1:
-        return Pruned(d, 1.0)
-    return _masked(d, bernoulli_mask(d, density, rng), density)
-
-
-def breadcrumbs(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None = None) -> Pruned:
-    """Drop the ``int(gamma * n)`` largest and the smallest ``|d|``, keep ``int(density * n)``;
-    ``rng`` is unused."""
-    density = _density(opts)
-    if density >= 1 or d.numel() == 0:
-        return Pruned(d, 1.0)
-    mask = band_mask(d, density, float(opts.get("gamma", 0.0)))
-    return _masked(d, mask, _kept_fraction(d.numel(), density))
-
-
-def della(d: Tensor, opts: Mapping[str, Any], rng: torch.Generator | None) -> Pruned:
-    """Keep each entry with its rank-based probability ``p`` (``rank_keep_probability``)."""
-    density = _density(opts)
-    if density >= 1 or d.numel() == 0:
-        return Pruned(d, 1.0)
-    p = rank_keep_probability(d, density, float(opts.get("epsilon", 0.0)))
-    mask = _draw(d, rng, "della") < p
-    return _masked(d, mask, p)
-
-
-SPARSIFIERS: dict[str, Sparsifier] = {
-    "magnitude": magnitude,
-    "bernoulli": bernoulli,
-    "breadcrumbs": breadcrumbs,
-    "della": della,
-}
 
 
 # --- rescale --------------------------------------------------------------------------------
@@ -287,24 +182,3 @@ def rescale_mode(value: bool | str) -> RescaleMode:
     if value is False:
         return None
     raise ValueError(f"rescale must be true, false, 'l1' or 'inverse_density', got {value!r}")
-
-
-def l1_rescale(e: Tensor, d: Tensor) -> Tensor:
-    """``e * |d|_1 / |e|_1``: the pruned vector scaled back to the L1 norm of the original."""
-    kept = e.abs().sum()
-    if kept.item() == 0:
-        return e
-    return e * (d.abs().sum() / kept)
-
-
-def rescale(pruned: Pruned, d: Tensor, mode: RescaleMode) -> Tensor:
-    """Apply the ``rescale`` mode to a sparsifier's result (``d``: the unpruned vector).
-    Nothing dropped (``keep`` 1) means nothing to restore."""
-    e, keep = pruned
-    if mode is None or (isinstance(keep, float) and keep >= 1):
-        return e
-    if mode == "l1":
-        return l1_rescale(e, d)
-    if isinstance(keep, float):
-        return e if keep <= 0 else e / keep
-    return e / keep  # zeros stay zeros: every p > 0

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.methods.radix import HIGH_BINS, LOW_BINS, LOW_BITS, high_bin, threshold_of
+from merge.methods.radix import high_bin, high_histogram, low_histogram, threshold_of
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -157,8 +157,8 @@ def model_generators(rng: torch.Generator | None, n: int) -> list[torch.Generato
 
 class Cut:
     """The ``k`` largest magnitudes of one tensor, found over chunks and then masked chunk by
-    chunk: ``observe`` the magnitude bits (``|d|`` as float32 viewed as int32) in pass 0 and
-    pass 1 (``end_pass`` after each); ``mask`` then keeps exactly ``k`` entries.
+    chunk: ``observe`` the magnitude bits (``merge.methods.radix.magnitude_bits``) in pass 0
+    and pass 1 (``end_pass`` after each); ``mask`` then keeps exactly ``k`` entries.
 
     ``Cut.given(threshold, equal)`` skips the passes: keep ``> threshold`` plus the first
     ``equal`` entries equal to it (a whole-model cut's share, ``merge.globaltrim``)."""
@@ -196,13 +196,11 @@ class Cut:
         if self.trivial:
             return
         if step == 0:
-            h = torch.bincount(bits >> LOW_BITS, minlength=HIGH_BINS)
+            h = high_histogram(bits)
             self._hist = h if self._hist is None else self._hist.add_(h)
         else:
-            inside = bits[(bits >> LOW_BITS) == self._bin]
-            if inside.numel():
-                h = torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
-                self._low = h if self._low is None else self._low.add_(h)
+            h = low_histogram(bits, self._bin)
+            self._low = h if self._low is None else self._low.add_(h)
 
     def end_pass(self, step: int) -> None:
         if self.trivial:
@@ -235,8 +233,3 @@ class Cut:
             keep |= ties
             self._left -= count
         return keep
-
-
-def magnitude_bits(d: Tensor) -> Tensor:
-    """``|d|`` (float32, flat) viewed as int32: ordered like the magnitudes."""
-    return d.abs().view(torch.int32)

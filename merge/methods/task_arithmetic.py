@@ -47,11 +47,11 @@ from torch import Tensor
 
 from merge.methods import sparsify
 from merge.methods.base import MethodFn
+from merge.methods.radix import magnitude_bits
 from merge.methods.stream import (
     Cut,
     Streamed,
     StreamFactory,
-    magnitude_bits,
     model_generators,
     whole,
 )
@@ -211,14 +211,13 @@ class TaskVectors(Streamed):
     def _prune(self, i: int, d: Tensor) -> tuple[Tensor, Tensor | float]:
         """Model ``i``'s sparsified chunk (``d`` is ours: masked in place) and its keep."""
         opts = self.opts[i]
-        if self.kind in ("bernoulli", "della"):
-            p: Tensor | float = float(opts["density"])
-            if self.kind == "della":
-                rows = d.view(-1, self.row)
-                eps = float(opts.get("epsilon", 0.0))
-                p = sparsify.rank_keep_probability(rows, float(p), eps).view(-1)
-            draw = torch.rand(d.shape, generator=self.gens[i], dtype=torch.float32)
-            return d.mul_(draw.to(d.device) < p), p
+        density = float(opts.get("density", 1.0))
+        if self.kind == "bernoulli":
+            return d.mul_(sparsify.bernoulli_mask(d, density, self.gens[i])), density
+        if self.kind == "della":
+            eps = float(opts.get("epsilon", 0.0))
+            p = sparsify.rank_keep_probability(d.view(-1, self.row), density, eps).view(-1)
+            return d.mul_(sparsify.draw(d, self.gens[i], "della") < p), p
         mags = d.abs()
         mask = self.cuts[i][-1].mask(mags)
         if self.kind == "breadcrumbs":
