@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from merge.cli import app
+from merge.cli import _exit_status, app
 from tiny import assert_loads_and_generates
 
 runner = CliRunner()
@@ -319,3 +323,54 @@ def test_warns_about_input_tensors_left_out(
     assert code == 0 and stderr.startswith(f"warning: model '{untied}': 1 tensor(s)")
     code, _, stderr = cli("run", recipe, tmp_path / "out2", "--quiet")
     assert code == 0 and stderr == ""
+
+
+# --- the console script: ``main`` leaves without the interpreter's teardown -------------------
+
+
+def console(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``merge ARGS`` through ``merge.cli.main`` (the console script's entry point), in a
+    fresh interpreter whose stdout and stderr are pipes."""
+    code = "import sys; from merge.cli import main; sys.argv[0] = 'merge'; main()"
+    argv = [sys.executable, "-c", code, *(str(a) for a in args)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_console_script_keeps_exit_codes_and_flushes_what_it_printed(
+    tmp_path: Path, llama_base: Path, llama_ft1: Path
+) -> None:
+    recipe = write(tmp_path, linear(llama_base, llama_ft1))
+    planned = console("plan", recipe, "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert len(json.loads(planned.stdout)["tensors"]) > 10  # the whole document got out
+    done = console("run", recipe, tmp_path / "out", "-q")
+    assert done.returncode == 0, done.stderr
+    assert load_file(tmp_path / "out" / "model.safetensors")  # written and moved into place
+    bad = console("run", tmp_path / "missing.yaml", tmp_path / "out2")
+    assert bad.returncode == 2
+    assert "missing.yaml" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "out2").exists()
+    usage = console("run")  # typer's own usage error
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+
+
+def test_exit_status_follows_sys_exit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert [_exit_status(c) for c in (None, 0, 2, 130)] == [0, 0, 2, 130]
+    assert _exit_status("fatal: bad") == 1
+    assert capsys.readouterr().err == "fatal: bad\n"
+
+
+def test_collector_comes_back_on_once_the_command_has_imported(monkeypatch: Any) -> None:
+    import merge.cli as cli_module
+
+    assert gc.isenabled()
+    monkeypatch.setitem(cli_module._startup, "gc_off", True)
+    gc.disable()
+    try:
+        code, out, _ = cli("methods")  # as main() leaves it: off during the imports
+        assert code == 0 and "ties" in out
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        assert not cli_module._startup["gc_off"]
+    finally:
+        gc.unfreeze()
+        gc.enable()
