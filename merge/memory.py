@@ -2,8 +2,9 @@
 
 ``job_peak_bytes`` is the expected peak of tensor data while one job runs. A streamed job
 (``streamed``: the method has a chunked form and every input can be memory-mapped) holds a few
-chunk-sized float32 buffers whatever the tensor's size; the inputs stay in the page cache and
-the output goes to its shard chunk by chunk. Any other job holds its inputs as stored and as
+chunk-sized float32 buffers whatever the tensor's size (plus ``Method.kept_bits`` an entry and
+model: the task family's packed keep masks); the inputs stay in the page cache and the output
+goes to its shard chunk by chunk. Any other job holds its inputs as stored and as
 float32, the method's measured working space (``Method.workspace``) and the output.
 ``peak_memory`` is the largest of these (``Plan.peak_bytes``: what one job alone needs).
 
@@ -54,7 +55,9 @@ def job_peak_bytes(job: TensorJob, models: dict[str, Model], method: Method) -> 
     buffers = 0.0 if job.copy else len(reads) + per_model * len(job.inputs) + fixed
     if streamed(job, models, method):
         chunk = min(job.numel, CHUNK_ELEMENTS)
-        return int(4 * chunk * (buffers + 1)) + chunk * job.dtype.itemsize
+        bits = method.kept_bits(job.params) if method.kept_bits else 0
+        kept = -(-job.numel * bits // 8) * len(job.inputs)
+        return int(4 * chunk * (buffers + 1)) + chunk * job.dtype.itemsize + kept
     stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
     buffers += len(reads) + 1 if job.vocab else 0  # aligned copies and the default rows
     return stored + int(4 * job.numel * buffers) + job.numel * job.dtype.itemsize

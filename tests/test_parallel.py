@@ -14,6 +14,7 @@ import hashlib
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,11 @@ def test_job_peak_bytes_is_what_the_plan_reports(
     per_model, fixed = p.method.workspace
     want = 4 * mlp.numel * (2 + per_model + fixed + 1) + 4 * mlp.numel
     assert job_peak_bytes(mlp, p.models, p.method) == int(want)
+    # the l1 rescale keeps one bit an entry of each model's keep mask until the merge pass
+    for rescale, bits in ((True, 1), ("l1", 1), ("inverse_density", 0), (False, 0)):
+        l1 = replace(mlp, params={**mlp.params, "rescale": rescale})
+        kept = -(-mlp.numel * bits // 8)
+        assert job_peak_bytes(l1, p.models, p.method) == int(want) + kept, rescale
 
 
 # --- whole merges: the same bytes whatever the resources --------------------------------------

@@ -4,6 +4,7 @@ streamed path writes the same bytes as the whole-tensor path."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from test_parallel import recipes, shard_bytes
 import merge.methods.stream as stream
 from merge.methods import get_method
 from merge.methods.radix import magnitude_bits
-from merge.methods.stream import Cut, chunk_bounds
+from merge.methods.stream import Cut, chunk_bounds, float64_sum
 from support import run_recipe
 
 SHAPE = (37, 11)  # 407 entries: chunks of 7 and 64 entries split rows and leave a short tail
@@ -39,6 +40,8 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("dare_ties", {"density": [0.3, 0.5, 0.7], "rescale": "inverse_density"}, True),
     ("dare_linear", {"density": [0.3, 0.5, 0.7], "rescale": False}, True),
     ("dare_ties", {"density": [0.3, 0.5, 0.7]}, False),  # l1: float64 sums over chunks
+    ("ties", {"density": [0.3, 0.5, 0.71], "rescale": "l1"}, False),  # l1 after the cuts
+    ("breadcrumbs_ties", {"density": [0.4, 0.6, 0.5], "rescale": "l1"}, False),
     ("breadcrumbs", {"density": [0.4, 0.6, 0.5], "gamma": [0.05, 0.1, 0.0]}, True),
     ("breadcrumbs_ties", {"density": [0.4, 0.6, 0.5], "gamma": [0.05, 0.1, 0.2]}, True),
     ("della", {"density": [0.4, 0.6, 0.5], "epsilon": [0.1, 0.2, 0.3]}, False),
@@ -76,6 +79,17 @@ def test_any_chunk_size_gives_the_one_chunk_result(
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_float64_sum_is_the_exact_sum_rounded_once_more() -> None:
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(100_003, generator=g) * torch.logspace(-6, 6, 100_003)  # wide range
+    exact = math.fsum(t.tolist())
+    got = float64_sum(t)
+    assert got == pytest.approx(exact, rel=1e-13, abs=1e-9)
+    assert got != float(t.sum())  # not a float32 accumulation
+    assert float64_sum(t[5:9]) == math.fsum(t[5:9].tolist())  # tiny sums are exact
+    assert float64_sum(torch.empty(0)) == 0.0
+
+
 def test_chunk_bounds_are_whole_rows_and_cover_the_tensor() -> None:
     assert chunk_bounds(10, 1, 4) == [(0, 4), (4, 8), (8, 10)]
     assert chunk_bounds(12, 5, 4) == [(0, 5), (5, 10), (10, 12)]  # a row never splits
@@ -102,7 +116,7 @@ def test_cut_over_chunks_keeps_exactly_k_with_ties_in_flat_order(seed: int) -> N
         order = sorted(range(n), key=lambda i: (-abs(float(d[i])), i))
         want = torch.zeros(n, dtype=torch.bool)
         want[order[:k]] = True
-        assert torch.equal(got, want)
+        assert torch.equal(got, want.float())  # exactly 1.0 kept, 0.0 dropped
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della"])

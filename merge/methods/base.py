@@ -160,6 +160,9 @@ class Method:
     ``stream``: how the method runs chunk by chunk (``merge.methods.stream``), or ``None``:
     the executor then reads each tensor whole and calls ``fn``. A streamed method's ``fn`` must
     give the same result as its stream (``stream.whole`` builds it from the stream).
+    ``kept_bits``: bits per entry and model that a stream keeps from its statistics passes to
+    its merge pass, given a tensor's parameters (the task family's packed keep masks under
+    the ``l1`` rescale: 1), for the memory estimate; ``None``: nothing is kept.
     ``check``: optional rule across parameters (e.g. della's ``density +/- epsilon`` in (0, 1))
     that the planner runs on each tensor's effective ``params``, with ``models`` the input
     model references aligned with per-model lists; it returns messages (naming the model where
@@ -179,6 +182,7 @@ class Method:
     fixes: str = ""
     check: ParamCheck | None = None
     stream: Callable[..., Any] | None = None
+    kept_bits: Callable[[dict[str, Any]], int] | None = None
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called ``name``, or ``None``."""

@@ -17,6 +17,7 @@ What it does not do: NaN handling beyond bit order (a NaN ranks above every numb
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,9 +49,15 @@ def high_histogram(bits: Tensor) -> Tensor:
 
 
 def low_histogram(bits: Tensor, high: int) -> Tensor:
-    """Counts of the low 15 bits of the entries whose top 16 bits are ``high``."""
+    """Counts of the low 15 bits of the entries whose top 16 bits are ``high`` (on the CPU
+    with numpy, whose comparisons and boolean selection are several times faster here)."""
+    low = high << LOW_BITS
+    if bits.device.type == "cpu":
+        a = bits.numpy()
+        selected = a[(a >= low) & (a < low + LOW_BINS)]
+        return torch.from_numpy(np.bincount(selected - low, minlength=LOW_BINS))
     inside = bits[(bits >> LOW_BITS) == high]
-    return torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
+    return torch.bincount(inside - low, minlength=LOW_BINS)
 
 
 def high_bin(hist: Tensor, k: int) -> tuple[int, int]:

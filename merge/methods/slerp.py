@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
-from merge.methods.stream import Streamed, whole
+from merge.methods.stream import Streamed, float64_sum, whole
 
 __all__ = ["DOT_THRESHOLD", "EPS", "SLERP", "SlerpStream", "slerp", "slerp_tensors"]
 
@@ -54,8 +54,8 @@ def slerp_tensors(t: float, x0: Tensor, x1: Tensor) -> Tensor:
 
 
 class SlerpStream(Streamed):
-    """``slerp`` over chunks: one pass sums the dot product and squared norms (float64
-    accumulators of per-chunk float32 sums), then each chunk is ``s0 * base + s1 * x``."""
+    """``slerp`` over chunks: one pass sums the dot product and squared norms (float64 sums of
+    the float32 products, ``float64_sum``), then each chunk is ``s0 * base + s1 * x``."""
 
     def __init__(self, params: dict[str, Any], shape: tuple[int, ...], rng: Any = None) -> None:
         self.t = float(params["t"])
@@ -71,10 +71,10 @@ class SlerpStream(Streamed):
 
     def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
         x0, x1 = self._pair(xs, base)
-        # torch's own reductions (not BLAS, whose threading torch does not pin)
-        self._sums[0] += float((x0 * x0).sum(dtype=torch.float64))
-        self._sums[1] += float((x1 * x1).sum(dtype=torch.float64))
-        self._sums[2] += float((x0 * x1).sum(dtype=torch.float64))
+        # fixed-order sums of products (not BLAS, whose order and threading vary)
+        self._sums[0] += float64_sum(x0 * x0)
+        self._sums[1] += float64_sum(x1 * x1)
+        self._sums[2] += float64_sum(x0 * x1)
 
     def end_pass(self, step: int) -> None:
         n0, n1 = math.sqrt(self._sums[0]), math.sqrt(self._sums[1])

@@ -30,18 +30,20 @@ Each method is a ``TaskVectors`` stream (``merge.methods.stream``): the executor
 by chunk, and the plain function runs the same chunks over tensors in memory. Statistics
 passes come first where a tensor-wide quantity is needed: two radix-select passes for the
 magnitude cuts of ``ties`` (local trim) and ``breadcrumbs``, one pass for the L1 sums of the
-``l1`` rescale (random masks are drawn again, identically, in the merge pass). Each model
-draws from its own generator, seeded in model order from the tensor's ``rng``.
+``l1`` rescale (its keep masks are kept as packed bits for the merge pass). Each model draws
+from its own generator, seeded in model order from the tensor's ``rng``.
 
 ``int8_mask`` is accepted for mergekit compatibility; it only ever saved memory, and here the
-sign masks are transient booleans, so there is nothing left for it to save: results are
+sign masks are transient float32 chunks, so there is nothing left for it to save: results are
 identical either way. The ``Method`` declarations live in ``task_family.py``.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +54,7 @@ from merge.methods.stream import (
     Cut,
     Streamed,
     StreamFactory,
+    float64_sum,
     model_generators,
     whole,
 )
@@ -69,6 +72,7 @@ __all__ = [
     "family",
     "linear_merge",
     "per_model",
+    "signs",
     "task_arithmetic",
     "ties",
 ]
@@ -89,23 +93,30 @@ def elect_signs(weighted: list[Tensor]) -> Tensor:
     return _sum(weighted) >= 0
 
 
+def signs(weighted: list[Tensor]) -> Tensor:
+    """``elect_signs`` as float32 +1 / -1 (float comparisons and products are several times
+    faster than boolean ones on the CPU)."""
+    return _sum(weighted).ge_(0).mul_(2).sub_(1)
+
+
 def disjoint_merge(
-    weighted: list[Tensor], weights: list[float], positive: Tensor, normalize: bool
+    weighted: list[Tensor], weights: list[float], sign: Tensor, normalize: bool
 ) -> Tensor:
     """TIES "disjoint merge": ``sum_i m_i o_i / D`` with ``m_i = [sign(o_i) == s]`` (zero entries
-    never agree) and ``D = sum_i m_i w_i`` (0 replaced by 1) if ``normalize``, else 1.
+    never agree; ``sign``: ``s`` as +1 / -1, from ``signs``) and ``D = sum_i m_i w_i`` (0
+    replaced by 1) if ``normalize``, else 1.
 
     Consumes ``weighted`` (its tensors are zeroed where they disagree)."""
-    sign = positive.to(weighted[0].dtype).mul_(2).sub_(1)  # +1 / -1: o * sign > 0 iff agree
     combined = torch.zeros_like(weighted[0])
     divisor = torch.zeros_like(weighted[0]) if normalize else None
+    agree = torch.empty_like(weighted[0])
     for o, w in zip(weighted, weights, strict=True):
-        agree = (o * sign) > 0
+        torch.mul(o, sign, out=agree).gt_(0)  # 1.0 where o agrees with the sign, else 0.0
         combined.add_(o.mul_(agree))
         if divisor is not None:
-            divisor.add_(agree.to(divisor.dtype).mul_(float(w)))
+            divisor.add_(agree, alpha=float(w))  # exact: agree * w is 0 or w
     if divisor is not None:
-        combined.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        combined.div_(divisor.add_(torch.eq(divisor, 0, out=agree)))  # 0 -> 1
     return combined
 
 
@@ -129,7 +140,11 @@ def _sum(tensors: list[Tensor]) -> Tensor:
 
 class TaskVectors(Streamed):
     """One tensor of a task-vector method over chunks (see the module notes): the cut passes
-    (magnitude, breadcrumbs), the L1 pass (``rescale: l1``), then the merge."""
+    (magnitude, breadcrumbs), the L1 pass (``rescale: l1``), then the merge.
+
+    Keep masks are float32 1.0 / 0.0 (faster than booleans). The L1 pass keeps each model's
+    masks as packed bits (one bit per entry: ``numel / 8`` bytes a sparse model, counted by
+    the method's ``kept_bits``), so the merge pass neither draws nor ranks again."""
 
     def __init__(
         self,
@@ -176,7 +191,7 @@ class TaskVectors(Streamed):
         self.passes = 2 * self._cutting + self.l1
         self._sums = [[0.0, 0.0] for _ in range(n)]  # |d|_1, |e|_1
         self.factor = [1.0] * n
-        self._states = [g.get_state() for g in self.gens] if self.l1 else []
+        self._masks: list[deque[Any]] = [deque() for _ in range(n)]  # the L1 pass's, packed
 
     def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
         base = _need_base(base)
@@ -190,39 +205,38 @@ class TaskVectors(Streamed):
         for i, x in enumerate(xs):  # the L1 pass
             if self.sparse[i]:
                 d = x - base
-                self._sums[i][0] += float(d.abs().sum(dtype=torch.float64))
-                e, _ = self._prune(i, d)
-                self._sums[i][1] += float(e.abs().sum(dtype=torch.float64))
+                mask, _ = self._mask(i, d)
+                mags = d.abs_()
+                self._sums[i][0] += float64_sum(mags)
+                self._sums[i][1] += float64_sum(mags.mul_(mask))
+                self._masks[i].append(_pack(mask))
 
     def end_pass(self, step: int) -> None:
         if self._cutting and step < 2:
             for cuts in self.cuts:
                 for cut in cuts:
                     cut.end_pass(step)
-        if step == self.passes - 1:  # the merge pass comes next
-            for cuts in self.cuts:
-                for cut in cuts:
-                    cut.rewind()  # the L1 pass used up the tie quotas
-            for g, state in zip(self.gens, self._states, strict=False):
-                g.set_state(state)  # and the merge draws the L1 pass's masks again
+        if self.l1 and step == self.passes - 1:  # the merge pass comes next
             for i, (dsum, esum) in enumerate(self._sums):
                 self.factor[i] = dsum / esum if esum != 0 else 1.0
 
-    def _prune(self, i: int, d: Tensor) -> tuple[Tensor, Tensor | float]:
-        """Model ``i``'s sparsified chunk (``d`` is ours: masked in place) and its keep."""
+    def _mask(self, i: int, d: Tensor) -> tuple[Tensor, Tensor | float]:
+        """Model ``i``'s float32 keep mask of the next chunk of ``d`` (left as it is), and the
+        kept fraction (per entry for della) that ``inverse_density`` divides by."""
         opts = self.opts[i]
         density = float(opts.get("density", 1.0))
         if self.kind == "bernoulli":
-            return d.mul_(sparsify.bernoulli_mask(d, density, self.gens[i])), density
+            return sparsify.draw(d, self.gens[i], "bernoulli").lt_(density), density
         if self.kind == "della":
             eps = float(opts.get("epsilon", 0.0))
             p = sparsify.rank_keep_probability(d.view(-1, self.row), density, eps).view(-1)
-            return d.mul_(sparsify.draw(d, self.gens[i], "della") < p), p
+            r = sparsify.draw(d, self.gens[i], "della")
+            return torch.lt(r, p, out=r), p
         mags = d.abs()
         mask = self.cuts[i][-1].mask(mags)
-        if self.kind == "breadcrumbs":
-            mask &= ~self.cuts[i][0].mask(mags)
-        return d.mul_(mask), self.keep[i]
+        if self.kind == "breadcrumbs":  # the top band is inside the kept one: 1 - 1 = 0
+            mask.sub_(self.cuts[i][0].mask(mags))
+        return mask, self.keep[i]
 
     def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
         base = _need_base(base)
@@ -230,21 +244,34 @@ class TaskVectors(Streamed):
         weighted = []
         for i, x in enumerate(xs):
             e = x - base
-            if self.sparse[i]:
-                e, keep = self._prune(i, e)
-                if self.mode == "l1":
-                    e.mul_(self.factor[i])
-                elif self.mode == "inverse_density":
+            if self.sparse[i] and self.l1:
+                e.mul_(_unpack(self._masks[i].popleft(), e)).mul_(self.factor[i])
+            elif self.sparse[i]:
+                mask, keep = self._mask(i, e)
+                e.mul_(mask)
+                if self.mode == "inverse_density":
                     e = _inverse_density(e, keep)
             weighted.append(e.mul_(float(weights[i])))
         if self.consensus:
-            combined = disjoint_merge(
-                weighted, weights, elect_signs(weighted), self.params["normalize"]
-            )
+            combined = disjoint_merge(weighted, weights, signs(weighted), self.params["normalize"])
         else:
             combined = linear_merge(weighted, weights, self.params["normalize"])
         del weighted
         return combined.mul_(float(self.params["lambda"])).add_(base)
+
+
+def _pack(mask: Tensor) -> Any:
+    """A float32 1.0 / 0.0 mask kept between passes: packed bits on the CPU, else booleans."""
+    if mask.device.type != "cpu":
+        return mask.bool()
+    return np.packbits(mask.numpy() != 0)
+
+
+def _unpack(packed: Any, like: Tensor) -> Tensor:
+    """The mask ``_pack`` kept, as 0/1 numbers the size and device of ``like``."""
+    if isinstance(packed, Tensor):
+        return packed
+    return torch.from_numpy(np.unpackbits(packed, count=like.numel()))
 
 
 def _need_base(base: Tensor | None) -> Tensor:

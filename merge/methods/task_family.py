@@ -17,7 +17,7 @@ from typing import Any
 
 from merge.methods import task_arithmetic as fns
 from merge.methods.base import Method, Param
-from merge.methods.sparsify import della_bounds_problem
+from merge.methods.sparsify import della_bounds_problem, rescale_mode
 
 __all__ = [
     "BREADCRUMBS",
@@ -88,7 +88,14 @@ _BREADCRUMBS_FIX = (
 
 def _family(name: str, **kw: Any) -> Method:
     """A required-base, any-number-of-models method of this family."""
-    return Method(name=name, base="required", min_models=1, max_models=None, **kw)
+    return Method(
+        name=name, base="required", min_models=1, max_models=None, kept_bits=_mask_bits, **kw
+    )
+
+
+def _mask_bits(params: dict[str, Any]) -> int:
+    """The ``l1`` rescale keeps one bit an entry and model: the keep masks of its L1 pass."""
+    return int(rescale_mode(params.get("rescale", False)) == "l1")
 
 
 TASK_ARITHMETIC = _family(
