@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,13 +243,18 @@ def run_job(
         return mover.back(out) if mover is not None else out
 
 
-def _trim_params(plan: Plan, show: bool, threads: int) -> dict[str, dict[str, Any]]:
+def _trim_params(plan: Plan, show: bool, res: Resources) -> dict[str, dict[str, Any]]:
     """The parameters, with each model's threshold and tie share, of every job merged with
-    ``trim: global`` (by name); empty without such jobs."""
+    ``trim: global`` (by name); empty without such jobs. The statistics passes run their jobs
+    on ``res.threads`` workers within ``res.budget``, like the merge."""
     jobs = global_jobs(plan.jobs)
     if not jobs:
         return {}
     bars: list[tqdm] = []
+
+    def each(work: Callable[[int], None], todo: Sequence[TensorJob]) -> None:
+        peaks = [job_peak_bytes(j, plan.models, plan.method) for j in todo]
+        run_jobs(work, job_order(todo), peaks=peaks, budget=res.budget, threads=res.threads)
 
     def step(desc: str) -> Callable[[TensorJob], None]:
         bar = tqdm(total=len(jobs), desc=desc, unit="tensor", disable=not show, file=sys.stderr)
@@ -260,7 +265,7 @@ def _trim_params(plan: Plan, show: bool, threads: int) -> dict[str, dict[str, An
         return job_chunks(plan, job)
 
     try:
-        trim = GlobalTrim.compute(jobs, chunks, step)
+        trim = GlobalTrim.compute(jobs, chunks, step, each)
         counts: list[dict[str, int]] = [{} for _ in jobs]
         if trim.counting():
             tick = step("trim statistics: ties")
@@ -269,8 +274,7 @@ def _trim_params(plan: Plan, show: bool, threads: int) -> dict[str, dict[str, An
                 counts[k] = trim.count_equal(jobs[k], chunks)
                 tick(jobs[k])
 
-            peaks = [job_peak_bytes(j, plan.models, plan.method) for j in jobs]
-            run_jobs(count, job_order(jobs), peaks=peaks, budget=2**62, threads=threads)
+            each(count, jobs)
     finally:
         for bar in bars:
             bar.close()
@@ -348,7 +352,7 @@ def execute(
     lock = threading.Lock()
 
     with single_intra_op():
-        trimmed = _trim_params(plan, show, res.threads)
+        trimmed = _trim_params(plan, show, res)
         with ShardWriter(directory, plan.shards, metadata) as writer, bar:
 
             def work(i: int) -> None:

@@ -23,8 +23,9 @@ model keeps all or none of its entries equal to ``T_m`` (the common case) no cou
 needed; otherwise a counting pass finds how many each job has and the quota is handed out in
 plan order. Jobs can then merge in any order, in parallel.
 
-Memory is one chunk of each input at a time (the passes read through ``chunks``) plus two
-histograms per model. Each statistics pass reads the inputs once.
+Memory is one chunk of each input at a time per worker (the passes read through ``chunks``;
+jobs run on the executor's threads) plus two histograms per model. Each statistics pass reads
+the inputs once.
 
 What it does not do: choose which tensors take part (the planner puts ``trim`` in each job's
 parameters), or merge (``merge.methods.task_arithmetic.ties`` applies the thresholds).
@@ -33,6 +34,7 @@ parameters), or merge (``merge.methods.task_arithmetic.ties`` applies the thresh
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,30 @@ __all__ = ["GlobalTrim", "ModelCut", "delta_bits", "global_jobs", "trims_globall
 
 ReadJob = Callable[[TensorJob], Iterator[tuple[list[Tensor], Tensor]]]
 """``chunks(job)``: the job's inputs and base, float32, chunk after chunk."""
+
+Each = Callable[[Callable[[int], None], Sequence[TensorJob]], None]
+"""``each(work, jobs)``: call ``work(k)`` for every index ``k`` of ``jobs``, in any order,
+possibly on several threads at once (``merge.pipeline.run_jobs``)."""
+
+
+def _one_by_one(work: Callable[[int], None], jobs: Sequence[TensorJob]) -> None:
+    for k in range(len(jobs)):
+        work(k)
+
+
+class _Totals:
+    """Per-model histogram totals that several threads add to."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Tensor] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: str, h: Tensor) -> None:
+        with self._lock:
+            if model in self.counts:
+                self.counts[model].add_(h)
+            else:
+                self.counts[model] = h.clone()
 
 
 def global_jobs(jobs: Iterable[TensorJob]) -> list[TensorJob]:
@@ -96,25 +122,33 @@ class GlobalTrim:
         jobs: Sequence[TensorJob],
         read_job: ReadJob,
         progress: Callable[[str], Callable[[TensorJob], None]] | None = None,
+        each: Each | None = None,
     ) -> GlobalTrim:
-        """Run both statistics passes over ``jobs`` (already filtered by ``global_jobs``)."""
-        hist: dict[str, Tensor] = {}
+        """Run both statistics passes over ``jobs`` (already filtered by ``global_jobs``);
+        ``each`` runs a pass's per-job work (default: one job after another). Histograms are
+        integer counts, so the totals do not depend on the order jobs finish in."""
+        run = each or _one_by_one
         budget: dict[str, int] = {}
         total: dict[str, int] = {}
-        step = progress("trim statistics 1/2") if progress else None
         for job in jobs:
             for inp, density in zip(job.inputs, job.params["density"], strict=True):
                 budget[inp.model] = budget.get(inp.model, 0) + int(float(density) * job.numel)
                 total[inp.model] = total.get(inp.model, 0) + job.numel
+        hist = _Totals()
+        step = progress("trim statistics 1/2") if progress else None
+
+        def high(k: int) -> None:
+            job = jobs[k]
             for tensors, base in read_job(job):
                 for inp, x in zip(job.inputs, tensors, strict=True):
-                    h = high_histogram(delta_bits(x, base))
-                    hist[inp.model] = hist[inp.model] + h if inp.model in hist else h
+                    hist.add(inp.model, high_histogram(delta_bits(x, base)))
             if step:
                 step(job)
+
+        run(high, jobs)
         cuts: dict[str, ModelCut] = {}
         pending: dict[str, tuple[int, int]] = {}  # model -> (high bin, entries still needed)
-        for m, h in hist.items():
+        for m, h in hist.counts.items():
             k = budget[m]
             if k <= 0:
                 cuts[m] = ModelCut(k, total[m], math.inf, 0)
@@ -124,7 +158,7 @@ class GlobalTrim:
                 b, above = high_bin(h, k)
                 pending[m] = (b, k - above)
         if pending:
-            cuts.update(cls._refine(jobs, read_job, pending, budget, total, progress))
+            cuts.update(cls._refine(jobs, read_job, pending, budget, total, progress, run))
         return cls(cuts)
 
     @staticmethod
@@ -135,25 +169,29 @@ class GlobalTrim:
         budget: dict[str, int],
         total: dict[str, int],
         progress: Callable[[str], Callable[[TensorJob], None]] | None,
+        run: Each,
     ) -> dict[str, ModelCut]:
-        low = {m: torch.zeros(LOW_BINS, dtype=torch.int64) for m in pending}
+        low = _Totals()
         step = progress("trim statistics 2/2") if progress else None
-        for job in jobs:
-            if not any(i.model in pending for i in job.inputs):
-                continue
+        todo = [j for j in jobs if any(i.model in pending for i in j.inputs)]
+
+        def low_pass(k: int) -> None:
+            job = todo[k]
             for tensors, base in read_job(job):
                 for inp, x in zip(job.inputs, tensors, strict=True):
-                    if inp.model not in pending:
-                        continue
-                    bits = delta_bits(x, base)
-                    low[inp.model] += low_histogram(bits, pending[inp.model][0])
+                    if inp.model in pending:
+                        bits = delta_bits(x, base)
+                        low.add(inp.model, low_histogram(bits, pending[inp.model][0]))
             if step:
                 step(job)
+
+        run(low_pass, todo)
         cuts = {}
         for m, (b, need) in pending.items():
-            t, above = high_bin(low[m], need)
+            counts = low.counts.get(m, torch.zeros(LOW_BINS, dtype=torch.int64))
+            t, above = high_bin(counts, need)
             threshold = threshold_of(b, t)
-            equal_total = int(low[m][t].item())
+            equal_total = int(counts[t].item())
             cuts[m] = ModelCut(budget[m], total[m], threshold, need - above, equal_total)
         return cuts
 

@@ -7,8 +7,10 @@ largest magnitudes with a stable order (earlier entries win exact ties), plainly
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,8 +52,14 @@ def _reference_masks(deltas: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
+def _backwards_on_threads(work: Callable[[int], None], todo: Sequence[TensorJob]) -> None:
+    """Run the statistics work last job first, two at a time."""
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, reversed(range(len(todo)))))
+
+
 def _run(
-    jobs: list[TensorJob], data: dict[str, torch.Tensor]
+    jobs: list[TensorJob], data: dict[str, torch.Tensor], each: Any = None
 ) -> tuple[GlobalTrim, list[list[torch.Tensor]]]:
     def whole(job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor]:
         assert job.base is not None
@@ -63,7 +71,7 @@ def _run(
         for a, b in itertools.pairwise(cuts):
             yield [t.reshape(-1)[a:b] for t in tensors], base.reshape(-1)[a:b]
 
-    trim = GlobalTrim.compute(jobs, read_job)
+    trim = GlobalTrim.compute(jobs, read_job, each=each)
     counts = [trim.count_equal(job, read_job) for job in jobs]
     masks: list[list[torch.Tensor]] = []
     for job, params in zip(jobs, trim.allot(jobs, counts), strict=True):
@@ -79,8 +87,9 @@ def _run(
     return trim, masks
 
 
+@pytest.mark.parametrize("each", [None, _backwards_on_threads])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_streamed_cut_equals_whole_model_topk(quantized: bool) -> None:
+def test_streamed_cut_equals_whole_model_topk(quantized: bool, each: Any) -> None:
     gen = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (13,), (4, 3, 2), (30,)]
     densities = [0.3, 0.55]
@@ -93,7 +102,7 @@ def test_streamed_cut_equals_whole_model_topk(quantized: bool) -> None:
                 delta = torch.round(delta * 2) / 2
             data[f"m{i}.t{j}"] = data[f"base.t{j}"] + delta
     jobs = _jobs(shapes, densities)
-    trim, masks = _run(jobs, data)
+    trim, masks = _run(jobs, data, each)
     for i, density in enumerate(densities):
         deltas = [data[f"m{i}.t{j}"] - data[f"base.t{j}"] for j in range(len(shapes))]
         k = sum(int(density * d.numel()) for d in deltas)
