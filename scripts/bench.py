@@ -10,7 +10,10 @@ benchmarked method with absolute model paths, and runs each recipe ``--repeat`` 
 subprocess (ours: ``merge run RECIPE OUT -q``; mergekit: ``mergekit-yaml``/``mergekit-moe`` of the
 given python's environment), interleaved with the I/O floor of the same recipe (``_bench_measure``:
 a bare python reading the recipe's inputs once and writing as many bytes as our output). Runs are
-warm: the inputs are read once before a recipe's first run. It reports min and median wall time,
+warm: the inputs are read once before a recipe's first run. Every measured run starts after an
+``os.sync()`` and each output is deleted once measured (``--keep-outputs`` keeps the last), so
+no run pays for writing back an earlier run's output, and old outputs never push the inputs out
+of the page cache (at the ``1b`` preset they would). It reports min and median wall time,
 peak RSS and peak anonymous memory, CPU utilisation and output size, and the ratios ours/mergekit
 and ours/floor, as JSON and as a markdown table with the machine and versions.
 
@@ -162,8 +165,11 @@ def _run_tool(
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = _command(tool, args, recipe, out, RECIPES[name]["method"] == "moe")
     log = args.workdir / "logs" / f"{tool}-{name}.log"
+    os.sync()  # no run pays for writing back an earlier one's output
     sample = bm.measure(cmd, log, env={**os.environ, **ENV}, timeout=args.timeout)
     size = bm.dir_bytes(out) if sample.returncode == 0 and out.exists() else 0
+    if not args.keep_outputs:  # old outputs would push the inputs out of the page cache
+        shutil.rmtree(out, ignore_errors=True)
     return sample, size
 
 
@@ -185,6 +191,7 @@ def bench_recipe(name: str, models: list[Path], args: argparse.Namespace) -> dic
             sizes[tool] = sizes.get(tool) or size
         out_bytes = sizes.get("ours") or sizes.get("mergekit") or 0
         log = args.workdir / "logs" / f"floor-{name}.log"
+        os.sync()
         samples["floor"].append(bm.floor(files, out_bytes, scratch, log))
     row: dict[str, object] = {
         "recipe": name,
@@ -278,6 +285,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-args", default="", help="extra options for `merge run`")
     p.add_argument("--mergekit-args", default="", help="extra options for mergekit")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep each tool's last output under WORKDIR/out (default: deleted once measured)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     p.add_argument("--markdown", type=Path, default=None, help="markdown table file")
     p.add_argument("--quiet", action="store_true")

@@ -94,7 +94,7 @@ def test_bench_tiny_writes_json_markdown_and_outputs(workdir: Path, tmp_path: Pa
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     argv = ["--preset", "tiny", "--recipes", "dare_ties,moe", "--repeat", "1", "--quiet"]
     argv += ["--workdir", str(workdir), "--out", str(out), "--markdown", str(md)]
-    result = bench.main(argv)
+    result = bench.main([*argv, "--keep-outputs"])
     assert json.loads(out.read_text()) == result
     assert result["preset"] == "tiny" and result["repeat"] == 1
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"] == torch.__version__
@@ -117,6 +117,14 @@ def test_bench_tiny_writes_json_markdown_and_outputs(workdir: Path, tmp_path: Pa
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`dare_ties`", "`moe`"]
     assert "mergekit" not in table.split("Command:")[1]
+
+
+def test_bench_deletes_each_output_once_measured(workdir: Path, tmp_path: Path) -> None:
+    argv = ["--preset", "tiny", "--recipes", "linear", "--repeat", "1", "--quiet"]
+    result = bench.main([*argv, "--workdir", str(workdir), "--out", str(tmp_path / "r.json")])
+    (row,) = result["results"]
+    assert row["ours"]["ok"] and row["ours"]["output_bytes"] > 0  # measured before deleting
+    assert not (workdir / "out" / "ours" / "linear").exists()
 
 
 def test_failed_runs_are_reported_not_hidden() -> None:
