@@ -120,22 +120,26 @@ def _views(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor
     return xs, view(job.base.model, job.base.name) if job.base else None
 
 
-def _chunk_reader(plan: Plan, job: TensorJob) -> Callable[[int, int], Any]:
-    """``read(start, stop)``: float32 chunks of a streamed job's inputs and base."""
+def _chunk_reader(plan: Plan, job: TensorJob, stored: bool = False) -> Callable[[int, int], Any]:
+    """``read(start, stop)``: chunks of a streamed job's inputs and base, as float32 (with
+    ``stored``: floating inputs as stored, for streams that only subtract the float32 base)."""
     xs, base = _views(plan, job)
     f32 = torch.float32
+    keep = [stored and x.dtype.is_floating_point for x in xs]
 
     def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         chunk_base = None if base is None else base[start:stop].to(f32)
-        return [x[start:stop].to(f32) for x in xs], chunk_base
+        parts = [x[start:stop] for x in xs]
+        return [p if k else p.to(f32) for p, k in zip(parts, keep, strict=True)], chunk_base
 
     return read
 
 
 def job_chunks(plan: Plan, job: TensorJob) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """A job's inputs and base as float32 chunks (whole tensors where it cannot stream)."""
+    """A job's inputs and base in chunks (whole tensors where it cannot stream) for the global
+    trim, which only uses ``x - base``: the base in float32, streamed inputs as stored."""
     if streamed(job, plan.models, plan.method):
-        read = _chunk_reader(plan, job)
+        read = _chunk_reader(plan, job, stored=True)
         for start, stop in chunk_bounds(job.numel):
             xs, base = read(start, stop)
             assert base is not None  # the planner gives every trim job a base
@@ -161,7 +165,7 @@ def _stream_job(plan: Plan, job: TensorJob, params: dict[str, Any], writer: Shar
     def emit(start: int, chunk: torch.Tensor) -> None:
         writer.write_part(job.name, start, chunk.to(job.dtype))
 
-    merge_chunks(state, job.numel, _chunk_reader(plan, job), emit)
+    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs), emit)
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:

@@ -56,7 +56,8 @@ __all__ = ["GlobalTrim", "ModelCut", "delta_bits", "global_jobs", "trims_globall
 
 
 ReadJob = Callable[[TensorJob], Iterator[tuple[list[Tensor], Tensor]]]
-"""``chunks(job)``: the job's inputs and base, float32, chunk after chunk."""
+"""``chunks(job)``: the job's inputs and base chunk after chunk (the base in float32; inputs
+float32 or a stored floating dtype: only ``x - base`` is used)."""
 
 Each = Callable[[Callable[[int], None], Sequence[TensorJob]], None]
 """``each(work, jobs)``: call ``work(k)`` for every index ``k`` of ``jobs``, in any order,

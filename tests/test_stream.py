@@ -147,3 +147,18 @@ def _load(out: Path) -> dict[str, torch.Tensor]:
     for f in out.glob("*.safetensors"):
         state.update(load_file(str(f)))
     return state
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
+def test_task_vectors_subtract_inputs_in_their_stored_dtype(
+    tmp_path: Path, method: str, make_checkpoint: Any
+) -> None:
+    """The executor hands the task family its inputs as stored (bf16, fp16) and the float32
+    base; the bytes equal the whole-tensor path's, which converts every input first."""
+    base = make_checkpoint("base", dtype=torch.bfloat16, seed=21)
+    ft1 = make_checkpoint("ft1", dtype=torch.bfloat16, noise_from=base, seed=22)
+    ft2 = make_checkpoint("ft2", dtype=torch.float16, noise_from=base, seed=23)
+    recipe = {**recipes(base, ft1, ft2)[method], "dtype": "float32"}  # no rounding to hide
+    streamed = run_recipe(tmp_path, recipe, "streamed", threads=2)
+    converted = run_recipe(tmp_path, recipe, "converted", threads=2, device="cpu")
+    assert shard_bytes(streamed) == shard_bytes(converted)

@@ -58,10 +58,14 @@ Reader = Callable[[int, int], tuple[list[Tensor], "Tensor | None"]]
 
 class Streamed:
     """One tensor's merge over chunks (see the module notes). Subclasses set ``passes`` and
-    ``row`` (1: any slice; ``shape[-1]``: chunks hold whole rows, passed as 1-D slices)."""
+    ``row`` (1: any slice; ``shape[-1]``: chunks hold whole rows, passed as 1-D slices), and
+    ``stored_inputs`` when the only use of an input chunk is ``x - base`` with the float32
+    base: the executor then hands the inputs in their stored floating dtype, and the
+    subtraction converts them (exactly) without a pass of its own."""
 
     passes: int = 0
     row: int = 1
+    stored_inputs: bool = False
 
     def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
         """Statistics pass ``step`` sees the next chunk (chunks come in order)."""

@@ -142,7 +142,8 @@ class TaskVectors(Streamed):
     """One tensor of a task-vector method over chunks (see the module notes): the cut passes
     (magnitude, breadcrumbs), the L1 pass (``rescale: l1``), then the merge.
 
-    Keep masks are float32 1.0 / 0.0 (faster than booleans). The L1 pass keeps each model's
+    Inputs are only ever used as ``x - base`` (``stored_inputs``). Keep masks are float32
+    1.0 / 0.0 (faster than booleans). The L1 pass keeps each model's
     masks as packed bits (one bit per entry: ``numel / 8`` bytes a sparse model, counted by
     the method's ``kept_bits``), so the merge pass neither draws nor ranks again."""
 
@@ -157,6 +158,7 @@ class TaskVectors(Streamed):
         if params.get("trim") == "global" and "trim_threshold" not in params:
             raise ValueError("ties with trim: global needs the thresholds of merge.globaltrim")
         self.params, self.kind, self.consensus = params, kind, consensus
+        self.stored_inputs = True
         numel = 1
         for dim in shape:
             numel *= dim
