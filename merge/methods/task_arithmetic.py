@@ -121,8 +121,12 @@ def disjoint_merge(
 
 
 def linear_merge(weighted: list[Tensor], weights: list[float], normalize: bool) -> Tensor:
-    """``sum_i o_i``, divided by ``sum_i w_i`` (0 replaced by 1) if ``normalize``."""
-    combined = _sum(weighted)
+    """``sum_i o_i``, divided by ``sum_i w_i`` (0 replaced by 1) if ``normalize``.
+
+    Consumes ``weighted`` (the sum is made in its first tensor)."""
+    combined = weighted[0]
+    for t in weighted[1:]:
+        combined.add_(t)
     if normalize:
         combined.div_(float(sum(float(w) for w in weights)) or 1.0)
     return combined
@@ -259,7 +263,8 @@ class TaskVectors(Streamed):
         else:
             combined = linear_merge(weighted, weights, self.params["normalize"])
         del weighted
-        return combined.mul_(float(self.params["lambda"])).add_(base)
+        lam = float(self.params["lambda"])
+        return (combined if lam == 1.0 else combined.mul_(lam)).add_(base)  # x * 1.0 is x
 
 
 def _pack(mask: Tensor) -> Any:
