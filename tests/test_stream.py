@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from test_parallel import recipes, shard_bytes
 
 import merge.methods.stream as stream
+from merge import api
+from merge.memory import streamed
 from merge.methods import get_method
 from merge.methods.radix import magnitude_bits
 from merge.methods.stream import Cut, chunk_bounds, float64_sum
@@ -162,3 +165,33 @@ def test_task_vectors_subtract_inputs_in_their_stored_dtype(
     streamed = run_recipe(tmp_path, recipe, "streamed", threads=2)
     converted = run_recipe(tmp_path, recipe, "converted", threads=2, device="cpu")
     assert shard_bytes(streamed) == shard_bytes(converted)
+
+
+def _elementwise(method: str, base: Path, ft1: Path, ft2: Path) -> dict[str, Any]:
+    if method == "passthrough":
+        scaled = {"model": str(ft1), "parameters": {"scale": 0.4}}
+        return {"merge_method": method, "models": [scaled]}
+    models = [{"model": str(m)} for m in ((ft1,) if method == "nearswap" else (ft1, ft2))]
+    params = {"t": 0.01} if method == "nearswap" else {"epsilon": 0.01}
+    return {"merge_method": method, "base_model": str(base), "models": models, "parameters": params}
+
+
+@pytest.mark.parametrize("method", ["nearswap", "ram", "passthrough"])
+def test_elementwise_methods_stream_the_whole_tensor_bytes(
+    tmp_path: Path,
+    method: str,
+    llama_base: Path,
+    llama_ft1: Path,
+    llama_ft2: Path,
+    monkeypatch: Any,
+) -> None:
+    recipe = _elementwise(method, llama_base, llama_ft1, llama_ft2)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    plan = api.plan(path)
+    assert all(streamed(j, plan.models, plan.method) for j in plan.jobs if not j.copy)
+    assert any(not j.copy for j in plan.jobs)
+    whole = run_recipe(tmp_path, recipe, "whole", threads=2, device="cpu")  # whole tensors
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 96)  # many chunks per tensor
+    chunked = run_recipe(tmp_path, recipe, "chunked", threads=2)
+    assert shard_bytes(chunked) == shard_bytes(whole)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
+from merge.methods.stream import Elementwise
 from merge.methods.task_arithmetic import elect_signs
 
 __all__ = ["MODEL_STOCK", "RAM", "SCE", "model_stock", "ram", "sce", "variance_mask"]
@@ -242,4 +243,5 @@ RAM = Method(
     paper="https://arxiv.org/abs/2601.13572",
     description="add each entry's mean change over the models that changed it",
     workspace=(0.0, 3.0),
+    stream=Elementwise.of(ram),
 )

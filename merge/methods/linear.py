@@ -74,4 +74,5 @@ PASSTHROUGH = Method(
     paper=None,
     description="copy one model's tensor unchanged (optionally scaled); builds frankenmerges",
     workspace=(0.0, 0.0),
+    stream=Elementwise.of(passthrough),
 )

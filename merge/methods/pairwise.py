@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
+from merge.methods.stream import Elementwise
 
 __all__ = [
     "ARCEE_FUSION",
@@ -143,6 +144,7 @@ NEARSWAP = Method(
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     description="take the other model's values where they are close to the base's, lerp the rest",
     workspace=(0.0, 2.0),
+    stream=Elementwise.of(nearswap),
 )
 ARCEE_FUSION = Method(
     name="arcee_fusion",
