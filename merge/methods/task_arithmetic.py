@@ -147,9 +147,9 @@ class TaskVectors(Streamed):
     (magnitude, breadcrumbs), the L1 pass (``rescale: l1``), then the merge.
 
     Inputs are only ever used as ``x - base`` (``stored_inputs``). Keep masks are float32
-    1.0 / 0.0 (faster than booleans). The L1 pass keeps each model's
-    masks as packed bits (one bit per entry: ``numel / 8`` bytes a sparse model, counted by
-    the method's ``kept_bits``), so the merge pass neither draws nor ranks again."""
+    1.0 / 0.0 (faster than booleans). The L1 pass keeps each model's masks as packed bits (one
+    bit an entry: ``numel / 8`` bytes a sparse model, counted by the method's ``kept_bits``),
+    so the merge pass neither draws nor ranks again."""
 
     def __init__(
         self,
