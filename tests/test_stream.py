@@ -49,6 +49,8 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("breadcrumbs_ties", {"density": [0.4, 0.6, 0.5], "gamma": [0.05, 0.1, 0.2]}, True),
     ("della", {"density": [0.4, 0.6, 0.5], "epsilon": [0.1, 0.2, 0.3]}, False),
     ("della_linear", {"density": [0.4, 0.6, 0.5], "rescale": False}, True),
+    ("model_stock", {"filter_wise": False}, False),  # float64 sums over chunks
+    ("model_stock", {"filter_wise": True}, True),  # whole rows: each chunk on its own
 ]
 
 
@@ -122,7 +124,9 @@ def test_cut_over_chunks_keeps_exactly_k_with_ties_in_flat_order(seed: int) -> N
         assert torch.equal(got, want.float())  # exactly 1.0 kept, 0.0 dropped
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della"])
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della", "model_stock"]
+)
 def test_executor_chunk_size_does_not_change_the_bytes(
     tmp_path: Path,
     method: str,

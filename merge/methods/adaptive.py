@@ -20,6 +20,9 @@ With ``d_i = x_i - b`` (``N`` models besides the base ``b``):
   ``c`` = number of active models; ``out = b + sum_i d_i [active] / max(c, 1)`` (an entry
   changed by one model takes its change; by several, their mean; by none, the base).
 
+model_stock and ram are streamed chunk by chunk (``merge.methods.stream``): model_stock with one
+statistics pass that sums the squared norms and pairwise dot products in float64 (with
+``filter_wise``, chunks of whole rows and no pass), ram entry by entry; sce holds whole tensors.
 All three work model by model on temporaries of their own; inputs are never modified.
 ``workspace`` is measured (peak RSS over the inputs, 4M-entry tensors, 2 and 6 models):
 model_stock recomputes task vectors per pair (two at a time), ram keeps a sum and a uint8
@@ -29,13 +32,14 @@ What this does not do: weights (none of these methods takes per-model parameters
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
-from merge.methods.stream import Elementwise
+from merge.methods.stream import Elementwise, Streamed, float64_sum, whole
 from merge.methods.task_arithmetic import elect_signs
 
 __all__ = ["MODEL_STOCK", "RAM", "SCE", "model_stock", "ram", "sce", "variance_mask"]
@@ -80,25 +84,69 @@ def _mean_pairwise_cos(tensors: list[Tensor], b_rows: Tensor, filter_wise: bool)
     return total.div_(n * (n - 1) // 2)
 
 
-def model_stock(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """``t mean(x_i) + (1 - t) b`` with ``t`` from the mean pairwise cosine of the task vectors."""
-    b = _need_base("model_stock", base)
-    n = len(tensors)
-    if n < 2:
-        raise ValueError(f"model_stock needs at least two tensors besides the base, got {n}")
-    filter_wise = bool(params["filter_wise"])
-    b_rows = _stock_rows(b, filter_wise)
-    cos = _mean_pairwise_cos(tensors, b_rows, filter_wise)
-    denom = 1 + (n - 1) * cos
-    ok = denom > STOCK_DENOM_EPS
-    t = torch.where(ok, n * cos / torch.where(ok, denom, 1.0), 0.0).unsqueeze(-1)
-    out = torch.zeros_like(b_rows)
-    for x in tensors:
-        out.add_(_stock_rows(x, filter_wise))
-    out.mul_(t / n).addcmul_(b_rows, 1 - t)
-    return out.reshape(b.shape)
+class StockStream(Streamed):
+    """``model_stock`` over chunks. Per tensor: one statistics pass sums each task vector's
+    squared norm and the pairwise dot products in float64 (``float64_sum``), then each chunk
+    is merged with the one ``t``. With ``filter_wise`` (and 2+ dims) every row has its own
+    ``t``: chunks hold whole rows, and each chunk's rows are merged on their own."""
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], rng: Any = None) -> None:
+        self.rows = bool(params["filter_wise"]) and len(shape) >= 2
+        self.row = shape[-1] if self.rows else 1
+        self.passes = 0 if self.rows else 1
+        self._squares: list[float] = []
+        self._dots: dict[tuple[int, int], float] = {}
+        self._cos = 0.0
+
+    def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
+        b, n = _need_base("model_stock", base), _stock_models(xs)
+        deltas = [x - b for x in xs]
+        if not self._squares:
+            self._squares = [0.0] * n
+        for i, d in enumerate(deltas):
+            self._squares[i] += float64_sum(d * d)
+            for j in range(i + 1, n):
+                self._dots[i, j] = self._dots.get((i, j), 0.0) + float64_sum(d * deltas[j])
+
+    def end_pass(self, step: int) -> None:
+        n = len(self._squares)
+        if n < 2:  # an empty tensor: nothing was seen
+            return
+        norms = [math.sqrt(s) for s in self._squares]
+        total = 0.0
+        for (i, j), dot in self._dots.items():
+            total += min(1.0, max(-1.0, dot / max(norms[i] * norms[j], STOCK_NORM_FLOOR)))
+        self._cos = total / (n * (n - 1) // 2)
+
+    def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
+        b, n = _need_base("model_stock", base), _stock_models(xs)
+        if self.rows:
+            b_rows = b.view(-1, self.row)
+            rows = [x.view(-1, self.row) for x in xs]
+            cos = _mean_pairwise_cos(rows, b_rows, True)
+        else:
+            b_rows, rows = b.view(1, -1), [x.view(1, -1) for x in xs]
+            cos = torch.full((1,), self._cos, dtype=b.dtype, device=b.device)
+        denom = 1 + (n - 1) * cos
+        ok = denom > STOCK_DENOM_EPS
+        t = torch.where(ok, n * cos / torch.where(ok, denom, 1.0), 0.0).unsqueeze(-1)
+        out = torch.zeros_like(b_rows)
+        for x in rows:
+            out.add_(x)
+        return out.mul_(t / n).addcmul_(b_rows, 1 - t).view(-1)
+
+
+def _stock_models(xs: list[Tensor]) -> int:
+    if len(xs) < 2:
+        raise ValueError(f"model_stock needs at least two tensors besides the base, got {len(xs)}")
+    return len(xs)
+
+
+model_stock = whole(
+    StockStream,
+    "model_stock",
+    "``t mean(x_i) + (1 - t) b`` with ``t`` from the mean pairwise cosine of the task vectors.",
+)
 
 
 # --- sce --------------------------------------------------------------------------------------
@@ -186,6 +234,7 @@ def ram(
 MODEL_STOCK = Method(
     name="model_stock",
     fn=model_stock,
+    stream=StockStream,
     params=(
         Param(
             "filter_wise",
