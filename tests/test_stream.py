@@ -93,6 +93,8 @@ def test_float64_sum_is_the_exact_sum_rounded_once_more() -> None:
     assert got != float(t.sum())  # not a float32 accumulation
     assert float64_sum(t[5:9]) == math.fsum(t[5:9].tolist())  # tiny sums are exact
     assert float64_sum(torch.empty(0)) == 0.0
+    half = torch.tensor([0.5, 1.25, -3.0], dtype=torch.bfloat16)
+    assert float64_sum(half) == -1.25  # converted first: numpy has no bfloat16
 
 
 def test_chunk_bounds_are_whole_rows_and_cover_the_tensor() -> None:

@@ -158,6 +158,8 @@ def float64_sum(t: Tensor) -> float:
     faster than torch's float64 reduction of float32; torch's on other devices."""
     if t.device.type != "cpu":
         return float(t.sum(dtype=torch.float64))
+    if t.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
+        t = t.to(torch.float32)
     return float(np.sum(t.detach().numpy(), dtype=np.float64))
 
 
