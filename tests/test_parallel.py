@@ -214,6 +214,12 @@ def recipes(base: Path, ft1: Path, ft2: Path) -> dict[str, dict[str, Any]]:
             "models": fts(weight=0.5, density=0.8, gamma=0.05),
         },
         "model_stock": {"merge_method": "model_stock", **with_base, "models": fts()},
+        "sce": {
+            "merge_method": "sce",
+            **with_base,
+            "models": fts(),
+            "parameters": {"select_topk": 0.5},
+        },
         "slerp": {
             "merge_method": "slerp",
             **with_base,

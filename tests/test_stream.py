@@ -51,6 +51,8 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("della_linear", {"density": [0.4, 0.6, 0.5], "rescale": False}, True),
     ("model_stock", {"filter_wise": False}, False),  # float64 sums over chunks
     ("model_stock", {"filter_wise": True}, True),  # whole rows: each chunk on its own
+    ("sce", {"select_topk": 0.4}, False),  # exact variance cut, float64 energies
+    ("sce", {"select_topk": 1.0}, False),
 ]
 
 
@@ -127,7 +129,7 @@ def test_cut_over_chunks_keeps_exactly_k_with_ties_in_flat_order(seed: int) -> N
 
 
 @pytest.mark.parametrize(
-    "method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della", "model_stock"]
+    "method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della", "model_stock", "sce"]
 )
 def test_executor_chunk_size_does_not_change_the_bytes(
     tmp_path: Path,

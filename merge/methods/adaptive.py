@@ -20,13 +20,15 @@ With ``d_i = x_i - b`` (``N`` models besides the base ``b``):
   ``c`` = number of active models; ``out = b + sum_i d_i [active] / max(c, 1)`` (an entry
   changed by one model takes its change; by several, their mean; by none, the base).
 
-model_stock and ram are streamed chunk by chunk (``merge.methods.stream``): model_stock with one
+All three are streamed chunk by chunk (``merge.methods.stream``): model_stock with one
 statistics pass that sums the squared norms and pairwise dot products in float64 (with
-``filter_wise``, chunks of whole rows and no pass), ram entry by entry; sce holds whole tensors.
+``filter_wise``, chunks of whole rows and no pass); sce with two radix-select passes over the
+variances (``select_topk < 1``) and one float64 pass for the energies; ram entry by entry.
 All three work model by model on temporaries of their own; inputs are never modified.
-``workspace`` is measured (peak RSS over the inputs, 4M-entry tensors, 2 and 6 models):
-model_stock recomputes task vectors per pair (two at a time), ram keeps a sum and a uint8
-count, sce holds every task vector plus its accumulators and the variance selection.
+``workspace`` counts buffers of a chunk's size (of the tensor's on the whole-tensor path):
+model_stock's statistics pass holds every task vector, ram keeps a sum and a uint8 count, sce
+holds every task vector plus its accumulators and the variance selection (ram's and sce's
+were measured as peak RSS over the inputs, 4M-entry tensors, 2 and 6 models).
 What this does not do: weights (none of these methods takes per-model parameters).
 """
 
@@ -39,10 +41,11 @@ import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
-from merge.methods.stream import Elementwise, Streamed, float64_sum, whole
+from merge.methods.radix import magnitude_bits
+from merge.methods.stream import Cut, Elementwise, Streamed, float64_sum, whole
 from merge.methods.task_arithmetic import elect_signs
 
-__all__ = ["MODEL_STOCK", "RAM", "SCE", "model_stock", "ram", "sce", "variance_mask"]
+__all__ = ["MODEL_STOCK", "RAM", "SCE", "SceStream", "StockStream", "model_stock", "ram", "sce"]
 
 STOCK_NORM_FLOOR = 1e-6
 STOCK_DENOM_EPS = 1e-6
@@ -152,12 +155,9 @@ model_stock = whole(
 # --- sce --------------------------------------------------------------------------------------
 
 
-def variance_mask(deltas: list[Tensor], fraction: float) -> Tensor:
-    """True at the ``int(fraction * count)`` positions of highest variance across ``deltas``
-    (population variance; ``count`` = positions whose variance is not 0).
-
-    The variance is taken of ``d_i - d_0`` (the same value, numerically safer), so positions
-    where every model agrees exactly have variance exactly 0."""
+def _variance(deltas: list[Tensor]) -> Tensor:
+    """Population variance across ``deltas``, taken of ``d_i - d_0`` (the same value,
+    numerically safer): positions where every model agrees exactly get exactly 0."""
     n = len(deltas)
     mean = torch.zeros_like(deltas[0])
     for d in deltas[1:]:
@@ -166,49 +166,82 @@ def variance_mask(deltas: list[Tensor], fraction: float) -> Tensor:
     var = mean.square()  # the i = 0 term: (0 - mean)^2
     for d in deltas[1:]:
         var.add_((d - deltas[0]).sub_(mean).square_())
-    del mean
-    var = var.div_(n).reshape(-1)
-    k = int(fraction * int(torch.count_nonzero(var)))
-    return _top_k_mask(var, k).reshape(deltas[0].shape)
+    return var.div_(n)
 
 
-def _top_k_mask(values: Tensor, k: int) -> Tensor:
-    """True at ``k`` positions of largest (non-negative) ``values``; ties at the cut go to the
-    lowest indices. Uses ``kthvalue`` (about 3 buffers), not ``topk`` (up to 7)."""
-    if k <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
-    cut = float(torch.kthvalue(values, values.numel() - k + 1).values)
-    mask = values > cut
-    missing = k - int(mask.sum())
-    if missing > 0:
-        mask[torch.nonzero(values == cut).reshape(-1)[:missing]] = True
-    return mask
+class SceStream(Streamed):
+    """``sce`` over chunks. With ``select_topk < 1``: two radix-select passes over the
+    variances (``Cut``, its ``k`` decided from the nonzero count pass 0 sees; ties at the cut
+    go to the first positions), then one pass summing each masked task vector's squares in
+    float64 (the energies); then each chunk is merged. Without selection only the energy pass
+    runs."""
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], rng: Any = None) -> None:
+        self.topk = float(params["select_topk"])
+        numel = math.prod(shape)
+        self.numel = numel
+        self.cut = Cut(None, numel) if self.topk < 1 else None
+        self.passes = 3 if self.cut is not None else 1
+        self._nonzero = 0
+        self._energy: list[float] = []
+        self.coefs: list[float] = []
+
+    def _deltas(self, xs: list[Tensor], base: Tensor | None) -> list[Tensor]:
+        b = _need_base("sce", base)
+        return [x - b for x in xs]
+
+    def _select(self, deltas: list[Tensor]) -> list[Tensor]:
+        if self.cut is not None:
+            keep = self.cut.mask(_variance(deltas))
+            deltas = [d.mul_(keep) for d in deltas]
+        return deltas
+
+    def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
+        deltas = self._deltas(xs, base)
+        if step < self.passes - 1:  # the variance cut's two passes
+            assert self.cut is not None
+            var = _variance(deltas)
+            if step == 0:
+                self._nonzero += int(torch.count_nonzero(var))
+            self.cut.observe(step, magnitude_bits(var))
+            return
+        if not self._energy:
+            self._energy = [0.0] * len(deltas)
+        for i, d in enumerate(self._select(deltas)):
+            self._energy[i] += float64_sum(d * d)
+
+    def end_pass(self, step: int) -> None:
+        if step < self.passes - 1:
+            assert self.cut is not None
+            if step == 0:
+                self.cut.decide(int(self.topk * self._nonzero))
+            self.cut.end_pass(step)
+            return
+        if self.cut is not None:
+            self.cut.rewind()  # the merge pass masks the same entries again
+        n = len(self._energy)
+        energy = [e / self.numel for e in self._energy]  # mean squares
+        total = sum(energy)
+        self.coefs = [e / total for e in energy] if total > 0 else [1.0 / n] * n
+
+    def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
+        b = _need_base("sce", base)
+        deltas = self._select(self._deltas(xs, base))
+        coefs = self.coefs or [1.0 / len(deltas)] * len(deltas)
+        positive = elect_signs(deltas)
+        merged = torch.zeros_like(b)
+        divisor = torch.zeros_like(b)
+        for d, a in zip(deltas, coefs, strict=True):
+            agree = torch.where(positive, d > 0, d < 0)
+            merged.add_(d.mul_(agree), alpha=a)
+            divisor.add_(agree, alpha=a)
+        del deltas, positive
+        return merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR)).add_(b)
 
 
-def sce(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Select (variance top-k), calculate (mean-square weights), erase (sign consensus)."""
-    b = _need_base("sce", base)
-    deltas = [x - b for x in tensors]
-    topk = float(params["select_topk"])
-    if topk < 1:
-        keep = variance_mask(deltas, topk)
-        for d in deltas:
-            d.mul_(keep)
-        del keep
-    energy = [float(d.square().mean()) if d.numel() else 0.0 for d in deltas]
-    total = sum(energy)
-    coefs = [e / total for e in energy] if total > 0 else [1.0 / len(deltas)] * len(deltas)
-    positive = elect_signs(deltas)
-    merged = torch.zeros_like(b)
-    divisor = torch.zeros_like(b)
-    for d, a in zip(deltas, coefs, strict=True):
-        agree = torch.where(positive, d > 0, d < 0)
-        merged.add_(d.mul_(agree), alpha=a)
-        divisor.add_(agree, alpha=a)
-    del deltas, positive
-    return merged.div_(divisor.clamp_(min=SCE_DIVISOR_FLOOR)).add_(b)
+sce = whole(
+    SceStream, "sce", "Select (variance top-k), calculate (mean-square weights), erase (signs)."
+)
 
 
 # --- ram --------------------------------------------------------------------------------------
@@ -249,11 +282,12 @@ MODEL_STOCK = Method(
     max_models=None,
     paper="https://arxiv.org/abs/2403.19522",
     description="move from the base towards the models' average by an angle-derived factor",
-    workspace=(0.0, 2.0),
+    workspace=(1.0, 2.0),
 )
 SCE = Method(
     name="sce",
     fn=sce,
+    stream=SceStream,
     params=(
         Param(
             "select_topk",

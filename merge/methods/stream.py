@@ -178,10 +178,11 @@ class Cut:
     and pass 1 (``end_pass`` after each); ``mask`` then keeps exactly ``k`` entries.
 
     ``Cut.given(threshold, equal)`` skips the passes: keep ``> threshold`` plus the first
-    ``equal`` entries equal to it (a whole-model cut's share, ``merge.globaltrim``)."""
+    ``equal`` entries equal to it (a whole-model cut's share, ``merge.globaltrim``).
+    ``k=None`` defers ``k`` to a ``decide(k)`` call before ``end_pass(0)`` (a ``k`` that
+    depends on what pass 0 saw, e.g. a count of nonzero entries)."""
 
-    def __init__(self, k: int, numel: int) -> None:
-        self.k = min(max(k, 0), numel)
+    def __init__(self, k: int | None, numel: int) -> None:
         self.numel = numel
         self.threshold = 0.0
         self.equal = 0  # entries equal to the threshold to keep
@@ -191,8 +192,15 @@ class Cut:
         self._bin = 0
         self._need = 0
         self._low: Tensor | None = None
-        self.trivial = self.k in (0, numel)
-        if self.k == numel:  # keep everything
+        self.k, self.trivial = 0, False
+        if k is not None:
+            self.decide(k)
+
+    def decide(self, k: int) -> None:
+        """Set ``k`` (before ``end_pass(0)``)."""
+        self.k = min(max(k, 0), self.numel)
+        self.trivial = self.k in (0, self.numel)
+        if self.k == self.numel:  # keep everything
             self.threshold, self.all_equal = -1.0, True
         elif self.k == 0:
             self.threshold = float("inf")
