@@ -564,7 +564,8 @@ def test_sparsify_masks_directly() -> None:
     state = rng.get_state()
     assert bool(bernoulli_mask(d, 1.0, rng).all())
     assert torch.equal(rng.get_state(), state)  # density >= 1 draws nothing
-    assert torch.equal(bernoulli_mask(d, 0.4, rng), torch.rand(SHAPE, generator=gen(1)) < 0.4)
+    want = (torch.rand(SHAPE, generator=gen(1)) < 0.4).float()
+    assert torch.equal(bernoulli_mask(d, 0.4, rng), want)  # 1.0 kept, 0.0 dropped
 
 
 def test_dare_without_generator_is_an_error() -> None:

@@ -103,10 +103,11 @@ def threshold_mask(
 
 
 def bernoulli_mask(d: Tensor, density: float, rng: torch.Generator | None) -> Tensor:
-    """Bool mask keeping each entry with probability ``density`` (drawn from ``rng`` only)."""
+    """Float32 1.0 / 0.0 mask keeping each entry with probability ``density`` (drawn from
+    ``rng`` only; float, not bool: several times faster to make and to multiply by)."""
     if density >= 1:
-        return torch.ones(d.shape, dtype=torch.bool, device=d.device)
-    return draw(d, rng, "bernoulli") < density
+        return torch.ones(d.shape, dtype=torch.float32, device=d.device)
+    return draw(d, rng, "bernoulli").lt_(density)
 
 
 def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:

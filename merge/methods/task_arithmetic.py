@@ -232,7 +232,7 @@ class TaskVectors(Streamed):
         opts = self.opts[i]
         density = float(opts.get("density", 1.0))
         if self.kind == "bernoulli":
-            return sparsify.draw(d, self.gens[i], "bernoulli").lt_(density), density
+            return sparsify.bernoulli_mask(d, density, self.gens[i]), density
         if self.kind == "della":
             eps = float(opts.get("epsilon", 0.0))
             p = sparsify.rank_keep_probability(d.view(-1, self.row), density, eps).view(-1)
