@@ -56,15 +56,20 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
 ]
 
 
-def call(name: str, params: dict[str, Any], quantized: bool) -> torch.Tensor:
-    method = get_method(name)
-    xs, base = tensors(3, 1 if name == "slerp" else 3, quantized)
-    models = len(xs) + (method.base == "input")
+def full_params(name: str, params: dict[str, Any], models: int) -> dict[str, Any]:
+    """``params`` with the method's defaults filled in and per-model values as lists."""
     full: dict[str, Any] = {}
-    for p in method.params:
+    for p in get_method(name).params:
         default = None if p.required else p.default
         value = params.get(p.name, default if p.name != "weight" else [1.0] * models)
         full[p.name] = value if not p.per_model or isinstance(value, list) else [value] * models
+    return full
+
+
+def call(name: str, params: dict[str, Any], quantized: bool) -> torch.Tensor:
+    method = get_method(name)
+    xs, base = tensors(3, 1 if name == "slerp" else 3, quantized)
+    full = full_params(name, params, len(xs) + (method.base == "input"))
     rng = torch.Generator().manual_seed(11) if method.random else None
     inputs = [base, *xs] if method.base == "input" else xs
     return method.fn(inputs, None if method.base == "input" else base, full, rng)
@@ -203,3 +208,13 @@ def test_elementwise_methods_stream_the_whole_tensor_bytes(
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 96)  # many chunks per tensor
     chunked = run_recipe(tmp_path, recipe, "chunked", threads=2)
     assert shard_bytes(chunked) == shard_bytes(whole)
+
+
+@pytest.mark.parametrize(("name", "params"), [(n, p) for n, p, _ in CASES])
+def test_streamed_methods_merge_empty_tensors(name: str, params: dict[str, Any]) -> None:
+    method = get_method(name)
+    base = torch.zeros(0, 4)
+    xs = [torch.zeros(0, 4)] * (1 if name == "slerp" else 3)
+    full = full_params(name, params, len(xs) + (method.base == "input"))
+    rng = torch.Generator().manual_seed(0) if method.random else None
+    assert method.fn(xs, base, full, rng).shape == (0, 4)

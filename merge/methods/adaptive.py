@@ -61,28 +61,16 @@ def _need_base(name: str, base: Tensor | None) -> Tensor:
 # --- model_stock ------------------------------------------------------------------------------
 
 
-def _stock_rows(x: Tensor, filter_wise: bool) -> Tensor:
-    """One row per vector the cosine is taken over: the whole tensor, or along the last dim."""
-    if filter_wise and x.dim() >= 2:
-        return x.reshape(-1, x.shape[-1])
-    return x.reshape(1, -1)
-
-
-def _mean_pairwise_cos(tensors: list[Tensor], b_rows: Tensor, filter_wise: bool) -> Tensor:
-    """Per row: the mean over pairs i < j of ``d_i.d_j / max(|d_i||d_j|, 1e-6)`` in [-1, 1].
-
-    Task vectors are recomputed per pair rather than all held: two at a time in memory."""
-
-    def delta(i: int) -> Tensor:
-        return _stock_rows(tensors[i], filter_wise) - b_rows
-
-    n = len(tensors)
-    norms = [torch.linalg.vector_norm(delta(i), dim=-1) for i in range(n)]
+def _mean_pairwise_cos(rows: list[Tensor], b_rows: Tensor) -> Tensor:
+    """Per row: the mean over pairs i < j of ``d_i.d_j / max(|d_i||d_j|, 1e-6)`` in [-1, 1],
+    ``d_i = rows[i] - b_rows`` (recomputed per pair: two task vectors at a time)."""
+    n = len(rows)
+    norms = [torch.linalg.vector_norm(r - b_rows, dim=-1) for r in rows]
     total = torch.zeros_like(norms[0])
     for i in range(n):
-        d_i = delta(i)
+        d_i = rows[i] - b_rows
         for j in range(i + 1, n):
-            dot = torch.einsum("ij,ij->i", d_i, delta(j))
+            dot = torch.einsum("ij,ij->i", d_i, rows[j] - b_rows)
             total.add_((dot / (norms[i] * norms[j]).clamp_(min=STOCK_NORM_FLOOR)).clamp_(-1, 1))
     return total.div_(n * (n - 1) // 2)
 
@@ -126,7 +114,7 @@ class StockStream(Streamed):
         if self.rows:
             b_rows = b.view(-1, self.row)
             rows = [x.view(-1, self.row) for x in xs]
-            cos = _mean_pairwise_cos(rows, b_rows, True)
+            cos = _mean_pairwise_cos(rows, b_rows)
         else:
             b_rows, rows = b.view(1, -1), [x.view(1, -1) for x in xs]
             cos = torch.full((1,), self._cos, dtype=b.dtype, device=b.device)
@@ -220,6 +208,8 @@ class SceStream(Streamed):
         if self.cut is not None:
             self.cut.rewind()  # the merge pass masks the same entries again
         n = len(self._energy)
+        if n == 0:  # an empty tensor: no chunk was seen, none will be merged
+            return
         energy = [e / self.numel for e in self._energy]  # mean squares
         total = sum(energy)
         self.coefs = [e / total for e in energy] if total > 0 else [1.0 / n] * n
@@ -227,11 +217,10 @@ class SceStream(Streamed):
     def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
         b = _need_base("sce", base)
         deltas = self._select(self._deltas(xs, base))
-        coefs = self.coefs or [1.0 / len(deltas)] * len(deltas)
         positive = elect_signs(deltas)
         merged = torch.zeros_like(b)
         divisor = torch.zeros_like(b)
-        for d, a in zip(deltas, coefs, strict=True):
+        for d, a in zip(deltas, self.coefs, strict=True):
             agree = torch.where(positive, d > 0, d < 0)
             merged.add_(d.mul_(agree), alpha=a)
             divisor.add_(agree, alpha=a)
