@@ -287,7 +287,7 @@ def test_plan_reads_no_tensor_data(
     assert cli("validate", recipe)[0] == 0
 
 
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat-recipes"
+COMPAT = Path(__file__).resolve().parent / "data" / "compat"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from merge.recipe import load_recipe
 from tiny import assert_loads_and_generates, load_state, make_tiny
 
 runner = CliRunner()
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat-recipes"
+COMPAT = Path(__file__).resolve().parent / "data" / "compat"
 PROMPTS = [["hello hello hello", "hello there hello"], ["1 2 3 4 5", "6 7 8 9 0"]]
 INPUT = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 250]])
 EXPERT_NAMES = {  # family -> (expert gate_proj name of layer 1, expert 1; router name)
