@@ -23,8 +23,8 @@ from merge.jobs import DEFAULT_SEED, DTYPES, Input, Plan, TensorJob, stored_dtyp
 from merge.memory import peak_memory
 from merge.methods import REQUIRED, Method
 from merge.recipe import Recipe, SliceSpec, Source, lookup
+from merge.recipe.checks import method_inputs
 from merge.recipe.model import Params
-from merge.recipe.validate import method_inputs
 from merge.sourceset import Model
 from merge.vocab import (
     VocabPlan,
@@ -33,6 +33,7 @@ from merge.vocab import (
     has_setting,
     model_rows,
     size_mismatch,
+    sizes_differ,
     vocab_tensor,
 )
 from merge.writer import TensorSpec, plan_shards
@@ -332,8 +333,10 @@ def make_plan(
     """Build and check the whole plan; raise PlanError listing every problem."""
     ctx = _Ctx(recipe, models, tokenizer_setting=has_setting(recipe))
     tok_donor = _tokenizer_donor(recipe, _config_donor(recipe))
-    if ctx.tokenizer_setting:
-        ctx.vocab = build_vocab(recipe, models, tok_donor, ctx.problems)
+    implicit = not ctx.tokenizer_setting and sizes_differ(models)
+    if ctx.tokenizer_setting or implicit:  # implicit: as tokenizer_source: base (merge.vocab)
+        ctx.tokenizer_setting = True
+        ctx.vocab = build_vocab(recipe, models, tok_donor, ctx.problems, implicit=implicit)
     layer_map: list[int] | None = None
     if recipe.slices:
         jobs, donor, layer_map = _slices_jobs(ctx)

@@ -123,13 +123,18 @@ def test_shape_mismatch(tmp_path: Path, llama_base: Path, make_checkpoint) -> No
     assert len(lines) == 26 and lines[-1].startswith("... and ")
 
 
-def test_vocabulary_mismatch_explains(tmp_path: Path, llama_base: Path, make_checkpoint) -> None:
+def test_vocabulary_mismatch_without_tokenizer_files_names_the_sizes(
+    tmp_path: Path, llama_base: Path, make_checkpoint
+) -> None:
+    """Sizes differ and the second model cannot be matched by token: one precise error."""
     big = make_checkpoint("big", layers=4, vocab=520)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (big / name).unlink(missing_ok=True)
     recipe = write(tmp_path, linear(llama_base, big))
     assert fails(recipe, tmp_path) == [
-        f"vocabulary sizes differ (512 in model '{llama_base}', 520 in model '{big}'); set "
-        "tokenizer_source: union (or base, or a model reference) to merge the embeddings and "
-        "lm_head token by token"
+        f"{recipe}:6: models[1].model: vocabulary sizes differ (512 in model '{llama_base}', "
+        f"520 in model '{big}'); model '{big}' has no tokenizer files, so its 520 embedding "
+        f"rows cannot be matched to the output vocabulary ('{llama_base}' has 512) by token"
     ]
 
 

@@ -35,23 +35,7 @@ from merge.tokenizer import write_tokenizer
 from merge.vocab import Alignment, align
 from support import run_recipe
 from tiny import assert_loads_and_generates, load_state, make_tiny
-
-EXTRAS = {
-    "A": [("<|tool|>", True)],
-    "B": [("<|im_start|>", True), ("<|im_end|>", True), ("hello_world", False)],
-    "C": [("<|im_end|>", True), ("<|tool|>", True)],
-}
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def make_vocab_model(directory: Path, seed: int, extras: list[tuple[str, bool]], **kw) -> Path:
-    """A tiny model whose tokenizer has ``extras`` added and whose embeddings match."""
-    make_tiny(directory, seed=seed, layers=2, vocab=512 + len(extras), **kw)
-    tok = AutoTokenizer.from_pretrained(directory)
-    tok.add_tokens([AddedToken(c, special=s, normalized=False) for c, s in extras])
-    tok.save_pretrained(directory)
-    assert len(tok) == 512 + len(extras)
-    return directory
+from vocab_models import EXTRAS, VOCAB_TENSORS, aligned_rows, make_vocab_model, vocab_of
 
 
 @pytest.fixture(scope="module")
@@ -60,41 +44,6 @@ def abc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         name: make_vocab_model(root / name, 20 + i, EXTRAS[name]) for i, name in enumerate("ABC")
     }
-
-
-def vocab_of(directory: Path) -> dict[str, int]:
-    return Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab(with_added_tokens=True)
-
-
-def fill_row(token: str, models: dict[str, tuple[dict[str, int], torch.Tensor]], base: str | None):
-    """The fill rule, plainly: base's row, else the only one, else the mean, else zero."""
-    have = [name for name, (vocab, _) in models.items() if token in vocab]
-    rows = {name: models[name][1][models[name][0][token]] for name in have}
-    if base in rows:
-        return rows[base]
-    if len(rows) == 1:
-        return next(iter(rows.values()))
-    if rows:
-        return sum(rows.values()) / len(rows)
-    return torch.zeros_like(next(iter(models.values()))[1][0])
-
-
-def aligned_rows(out_vocab, models, base, overrides=None) -> dict[str, torch.Tensor]:
-    """Each model's tensor moved into the output vocabulary (rows past the tokens: zero)."""
-    overrides = overrides or {}
-    size = max(out_vocab.values()) + 1
-    result = {}
-    for name, (vocab, tensor) in models.items():
-        out = torch.zeros(size, tensor.shape[1])
-        for token, row in out_vocab.items():
-            if token in overrides and (overrides[token][1] or token not in vocab):
-                out[row] = overrides[token][0]
-            elif token in vocab:
-                out[row] = tensor[vocab[token]]
-            else:
-                out[row] = fill_row(token, models, base)
-        result[name] = out
-    return result
 
 
 def inputs(abc: dict[str, Path], names: str, tensor: str) -> dict:
@@ -319,15 +268,6 @@ def fails(recipe: Path, tmp_path: Path, command: str = "run") -> list[str]:
     assert "Traceback" not in stderr + stdout
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     return [line.removeprefix("error: ") for line in stderr.strip().splitlines()]
-
-
-def test_vocabulary_mismatch_without_tokenizer_setting(tmp_path: Path, abc: dict[str, Path]):
-    recipe = _write(tmp_path, linear(abc, {"A": 1.0, "B": 1.0}))
-    assert fails(recipe, tmp_path) == [
-        f"vocabulary sizes differ (513 in model '{abc['A']}', 515 in model '{abc['B']}'); set "
-        "tokenizer_source: union (or base, or a model reference) to merge the embeddings and "
-        "lm_head token by token"
-    ]
 
 
 def test_plan_shows_permuted_embeddings_without_reading_tensors(

@@ -8,6 +8,7 @@ Tokenizer files themselves are read and written by ``merge.tokenizer``.
 
 from merge.vocab.align import Alignment, ModelVocab, Override, VocabPlan, align, model_rows
 from merge.vocab.build import align_job, build_vocab, has_setting, size_mismatch, vocab_tensor
+from merge.vocab.default import sizes_differ
 
 __all__ = [
     "Alignment",
@@ -20,5 +21,6 @@ __all__ = [
     "has_setting",
     "model_rows",
     "size_mismatch",
+    "sizes_differ",
     "vocab_tensor",
 ]

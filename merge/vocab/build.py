@@ -34,6 +34,7 @@ from merge import architecture as arch
 from merge.jobs import Input, TensorJob, VocabAlign
 from merge.tokenizer import extend_tokenizer, has_tokenizer, read_tokenizer
 from merge.vocab.align import Key, ModelVocab, VocabPlan, model_rows, model_vocab
+from merge.vocab.default import default_warning, sizes_text, vocab_sizes
 from merge.vocab.overrides import resolve_overrides
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,19 +52,31 @@ def _source_path(recipe: Recipe) -> PathKey:
     return ("tokenizer", "source") if recipe.tokenizer is not None else ("tokenizer_source",)
 
 
+class _Where:
+    """Where a vocabulary problem is reported: the recipe's tokenizer setting, or (for the
+    default of models whose vocabulary sizes differ, ``implicit``) the model's own line."""
+
+    def __init__(self, recipe: Recipe, implicit: bool) -> None:
+        self.recipe, self.implicit = recipe, implicit
+        self.paths = recipe.ref_paths()
+
+    def error(self, ref: str, message: str) -> str:
+        path = self.paths.get(ref, ()) if self.implicit else _source_path(self.recipe)
+        return self.recipe.loc.error(path, message)
+
+
 def _read_all(
-    recipe: Recipe, models: Mapping[str, Model], union: bool, problems: list[str]
+    models: Mapping[str, Model], union: bool, where: _Where, problems: list[str]
 ) -> dict[str, Tokenizer | None]:
     """Every model's tokenizer (None: it has no tokenizer files)."""
-    path = _source_path(recipe)
     found: dict[str, Tokenizer | None] = {}
     for ref, model in models.items():
         found[ref] = None
         if not has_tokenizer(model.directory):
             if union:
                 problems.append(
-                    recipe.loc.error(
-                        path,
+                    where.error(
+                        ref,
                         f"union needs every model's tokenizer, but model '{ref}' has no "
                         f"tokenizer files (tokenizer.json, tokenizer.model, ...) in "
                         f"{model.directory}",
@@ -73,9 +86,7 @@ def _read_all(
         try:
             found[ref] = read_tokenizer(model.directory)
         except ValueError as e:
-            problems.append(
-                recipe.loc.error(path, f"cannot read the tokenizer of model '{ref}': {e}")
-            )
+            problems.append(where.error(ref, f"cannot read the tokenizer of model '{ref}': {e}"))
     return found
 
 
@@ -120,10 +131,11 @@ def _output_keys(
 
 
 def _model_vocabs(
-    recipe: Recipe,
     models: Mapping[str, Model],
     toks: Mapping[str, Tokenizer | None],
     donor: str,
+    union: bool,
+    where: _Where,
     problems: list[str],
     warnings: list[str],
 ) -> dict[str, ModelVocab]:
@@ -143,46 +155,58 @@ def _model_vocabs(
                     f"model '{ref}': {len(beyond)} tokenizer token(s) have ids past its {n} "
                     f"embedding rows and count as missing from it: {beyond[0]!r}"
                 )
-        elif recipe.tokenizer_source == "union":
+        elif union:
             continue  # reported with the tokenizers
         elif donor in vocabs and n == vocabs[donor].rows:
             vocabs[ref] = vocabs[donor]
-            warnings.append(
-                f"model '{ref}' has no tokenizer files; its {n} embedding rows are taken to "
-                f"follow the tokenizer of '{donor}'"
-            )
+            if not where.implicit:  # without a setting, equal sizes are merged row by row
+                warnings.append(
+                    f"model '{ref}' has no tokenizer files; its {n} embedding rows are taken "
+                    f"to follow the tokenizer of '{donor}'"
+                )
         else:
             donor_rows = vocabs[donor].rows if donor in vocabs else rows[donor]
+            sizes = f"{sizes_text(rows)}; " if where.implicit else ""
             problems.append(
-                recipe.loc.error(
-                    _source_path(recipe),
-                    f"model '{ref}' has no tokenizer files, so its {n} embedding rows cannot be "
-                    f"matched to the output vocabulary ('{donor}' has {donor_rows})",
+                where.error(
+                    ref,
+                    f"{sizes}model '{ref}' has no tokenizer files, so its {n} embedding rows "
+                    f"cannot be matched to the output vocabulary ('{donor}' has {donor_rows}) "
+                    "by token",
                 )
             )
     return vocabs
 
 
 def build_vocab(
-    recipe: Recipe, models: Mapping[str, Model], donor: str, problems: list[str]
+    recipe: Recipe,
+    models: Mapping[str, Model],
+    donor: str,
+    problems: list[str],
+    implicit: bool = False,
 ) -> VocabPlan | None:
-    """The output vocabulary for a recipe with a tokenizer setting; ``donor`` is the model
-    whose tokenizer the output starts from. None (with ``problems``) if it cannot be built."""
+    """The output vocabulary for a recipe with a tokenizer setting, or, ``implicit``, for a
+    recipe without one whose models' vocabulary sizes differ (then the donor's tokenizer, as
+    ``tokenizer_source: base``). ``donor`` is the model whose tokenizer the output starts
+    from. None (with ``problems``) if it cannot be built."""
     before = len(problems)
     source = recipe.tokenizer_source or "base"
     union = source == "union"
-    toks = _read_all(recipe, models, union, problems)
+    where = _Where(recipe, implicit)
+    toks = _read_all(models, union, where, problems)
     if toks.get(donor) is None:
         if len(problems) == before:
+            sizes = f"{sizes_text(vocab_sizes(models))}; " if implicit else ""
             problems.append(
-                recipe.loc.error(
-                    _source_path(recipe),
-                    f"model '{donor}' has no tokenizer files to take the output tokenizer from",
+                where.error(
+                    donor,
+                    f"{sizes}model '{donor}' has no tokenizer files to take the output "
+                    "tokenizer from",
                 )
             )
         return None
     warnings: list[str] = []
-    vocabs = _model_vocabs(recipe, models, toks, donor, problems, warnings)
+    vocabs = _model_vocabs(models, toks, donor, union, where, problems, warnings)
     new = _new_tokens(recipe, toks, donor, union)
     donor_tok = toks[donor]
     assert donor_tok is not None
@@ -194,7 +218,7 @@ def build_vocab(
     overrides = resolve_overrides(recipe, vocab, vocabs, list(models), problems)
     if len(problems) > before:
         return None
-    return VocabPlan(
+    plan = VocabPlan(
         source=source,
         donor=donor,
         rows=len(keys),
@@ -206,6 +230,9 @@ def build_vocab(
         added=[(vocab[t.content], t) for t in new],
         warnings=warnings,
     )
+    if implicit:
+        plan.warnings.insert(0, default_warning(plan, vocab_sizes(models)))
+    return plan
 
 
 # --- planner helpers ----------------------------------------------------------------------------
