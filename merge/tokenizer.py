@@ -7,7 +7,7 @@ metadata, cheap), other formats (SentencePiece, WordPiece) converted by transfor
 tokenizer is the donor's ``tokenizer.json`` plus added tokens (``extend_tokenizer``), written
 next to the donor's other tokenizer files, whose ``added_tokens_decoder`` and
 ``added_tokens.json`` learn the new tokens too (so transformers 4.x and 5.x load it the same).
-``chat_template`` is a named template (``chatml``, ``llama3``, ``alpaca``, ``mistral``),
+``chat_template`` is a named template (``chatml``, ``llama3``, ``alpaca``, ``mistral``, ``exaone``),
 ``auto`` (the template most of the input models use) or a literal Jinja template; it is written
 both to ``tokenizer_config.json`` and ``chat_template.jinja``.
 
@@ -60,6 +60,16 @@ TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}"
         "{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    # EXAONE (LG AI Research): a system turn always opens the conversation (empty if none is
+    # given); each turn is "[|role|]content", a user turn ends with a newline, the others with
+    # "[|endofturn|]" and a newline.
+    "exaone": (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),
     "mistral": (
         "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"

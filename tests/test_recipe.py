@@ -54,7 +54,7 @@ def test_unknown_key_has_line_and_suggestion() -> None:
         """
     ) == [
         "r.yaml:2: modles: unknown key; did you mean 'models'? (allowed: merge_method, models, "
-        "slices, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
+        "slices, modules, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
         "chat_template, seed)"
     ]
 
@@ -230,7 +230,8 @@ def test_yaml_syntax_and_duplicate_keys() -> None:
 
 def test_exactly_one_of_models_or_slices() -> None:
     assert problems("merge_method: linear\n") == [
-        "r.yaml:1: give exactly one of models: (whole models) or slices: (layer ranges)"
+        "r.yaml:1: give exactly one of models: (whole models), slices: (layer ranges) or "
+        "modules: (per module, for multimodal models); got none"
     ]
 
 
@@ -268,7 +269,7 @@ def test_chat_template_and_tokenizer_source_checked() -> None:
         "missing revision after '@'"
     )
     assert got[1] == (
-        "r.yaml:3: chat_template: must be one of auto, alpaca, chatml, llama3, "
+        "r.yaml:3: chat_template: must be one of auto, alpaca, chatml, exaone, llama3, "
         "mistral or a Jinja template, got 'vicuna'"
     )
 
@@ -324,3 +325,141 @@ def test_bad_parameter_shapes() -> None:
     assert errs and "must be a number" in errs[0][1]
     _, errs = parse_value([])
     assert errs == [((), "must not be an empty list")]
+
+
+# --- mergekit syntax beyond the basics -------------------------------------------------------
+
+
+def test_mapping_form_of_model_references_reads_as_the_text_form() -> None:
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """
+            merge_method: task_arithmetic
+            base_model: {model: {path: org/base, revision: v1}}
+            models:
+              - model:
+                  model: {path: org/base, revision: v1}
+                  lora: {path: org/adapter, revision: abc123}
+                parameters: {weight: 0.5}
+              - model: {model: org/other@main, lora: org/lora2}
+                parameters: {weight: 0.5}
+            tokenizer_source: {model: org/other@main}
+            """
+        ),
+        "r.yaml",
+    )
+    assert recipe.base_model == "org/base@v1"
+    assert [s.model for s in recipe.models or ()] == [
+        "org/base@v1+org/adapter@abc123",
+        "org/other@main+org/lora2",
+    ]
+    assert recipe.tokenizer_source == "org/other@main"
+
+
+def test_mapping_form_mistakes_are_one_line_each() -> None:
+    got = problems(
+        """
+        merge_method: linear
+        models:
+          - model: {model: {path: a/b, rev: x}}
+            parameters: {weight: 1}
+          - model: {model: a/c, override_architecture: LlamaForCausalLM}
+            parameters: {weight: 1}
+          - model: {model: {path: ./my@dir}}
+            parameters: {weight: 1}
+          - model: {lora: a/d}
+            parameters: {weight: 1}
+        """
+    )
+    assert got == [
+        "r.yaml:3: models[0].model: unknown key 'rev' in 'model' (allowed: path, revision)",
+        "r.yaml:5: models[1].model: override_architecture (mergekit's per-model architecture "
+        "override) is not supported yet; remove it (the architecture is read from each model's "
+        "config.json)",
+        "r.yaml:7: models[2].model: 'model.path' './my@dir' contains '@', which model "
+        "references use to mark revisions and adapters; rename or link the folder",
+        "r.yaml:9: models[3].model: a model reference mapping needs 'model' (and optionally "
+        "'lora')",
+    ]
+
+
+def test_residual_weight_is_accepted_with_a_warning() -> None:
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """
+            merge_method: passthrough
+            slices:
+              - sources: [{model: a/b, layer_range: [0, 4]}]
+                residual_weight: 0.5
+            """
+        ),
+        "r.yaml",
+    )
+    assert recipe.warnings == [
+        "r.yaml:5: slices[0].residual_weight: has no effect (mergekit accepts and ignores it "
+        "too); remove it"
+    ]
+
+
+def test_tools_we_do_not_run_yet_are_named() -> None:
+    assert problems(
+        """
+        genome:
+          models: [a/b, a/c]
+          merge_method: dare_ties
+        tasks:
+          - name: hellaswag
+        """
+    ) == [
+        "r.yaml:1: genome: mergekit-evolve configs (genome:, tasks:) are not supported yet; "
+        "this file is not a merge recipe"
+    ]
+    assert problems(
+        """
+        name: first
+        merge_method: linear
+        models: [{model: a/b, parameters: {weight: 1}}]
+        ---
+        merge_method: slerp
+        """
+    ) == [
+        "r.yaml:4: a second YAML document: multi-stage recipes (mergekit-multi, one stage per "
+        "document) are not supported yet; run each stage as its own recipe"
+    ]
+
+
+def test_a_stage_name_alone_is_ignored_with_a_warning() -> None:
+    recipe = parse_recipe(
+        "name: first\nmerge_method: linear\nmodels: [{model: a/b, parameters: {weight: 1}}]\n",
+        "r.yaml",
+    )
+    assert recipe.warnings == [
+        "r.yaml:1: name: names a stage of a mergekit-multi recipe; a single recipe ignores it"
+    ]
+
+
+def test_exaone_chat_template_renders_the_exaone_format() -> None:
+    from jinja2 import Template
+
+    from merge.tokenizer import TEMPLATES
+
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Why?"},
+    ]
+    text = Template(TEMPLATES["exaone"]).render(messages=messages, add_generation_prompt=True)
+    assert text == (
+        "[|system|][|endofturn|]\n[|user|]Hi\n[|assistant|]Hello[|endofturn|]\n"
+        "[|user|]Why?\n[|assistant|]"
+    )
+    system = [{"role": "system", "content": "Be brief."}, messages[0]]
+    assert Template(TEMPLATES["exaone"]).render(messages=system) == (
+        "[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n"
+    )
+    recipe = parse_recipe(
+        "merge_method: linear\nmodels: [{model: a/b, parameters: {weight: 1}}]\n"
+        "chat_template: exaone\n",
+        "r.yaml",
+    )
+    assert recipe.chat_template == "exaone"

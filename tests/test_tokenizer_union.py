@@ -419,3 +419,24 @@ def test_write_tokenizer_lists_added_tokens_in_the_copied_configs(tmp_path: Path
     assert config["chat_template"] == "{{ x }}"
     assert json.loads((out / "added_tokens.json").read_text()) == {"<|x|>": 512}
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|x|>") == 512
+
+
+def test_override_sources_in_mapping_form(tmp_path: Path, abc: dict[str, Path]) -> None:
+    """mergekit's mapping form of a model reference works in token overrides too."""
+    b, c = str(abc["B"]), str(abc["C"])
+
+    def plan_of(start: object, end: object) -> object:
+        tokens = {
+            "<|im_start|>": {
+                "source": {"kind": "model_token", "model": start, "token": "<|im_end|>"}
+            },
+            "<|im_end|>": {"source": end, "force": True},
+        }
+        recipe = linear(
+            abc, {"A": 1.0, "B": 1.0, "C": 1.0}, tokenizer={"source": "union", "tokens": tokens}
+        )
+        return api.plan(_write(tmp_path, recipe)).vocab
+
+    text, mapping = plan_of(c, b), plan_of({"model": c}, {"model": {"path": b}})
+    assert text is not None and mapping is not None
+    assert mapping.overrides == text.overrides and len(text.overrides) == 2

@@ -18,7 +18,6 @@ their headers) or compute gates (``merge.moe.router``).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from merge.errors import RecipeError
 from merge.moe.families import Family, architecture_names, find_family
 from merge.moe.router import GATE_MODES, PROMPT_MODES
 from merge.moe.schema import ExpertEntry, MoeSchema
+from merge.recipe.checks import did_you_mean
 from merge.recipe.yamlsrc import Locator, PathKey
 
 MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts")
@@ -102,12 +102,6 @@ class MoeRecipe:
         return list(self.ref_paths())
 
 
-def _did_you_mean(word: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(word, allowed, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{hint}(allowed: {', '.join(allowed)})"
-
-
 def _spec(e: ExpertEntry, path: PathKey) -> ExpertSpec:
     return ExpertSpec(
         e.source_model,
@@ -145,14 +139,14 @@ def _rules(recipe: MoeRecipe, loc: Locator, problems: list[str]) -> None:
     if s.gate_mode not in GATE_MODES:
         problems.append(
             loc.error(
-                ("gate_mode",), "unknown gate mode; " + _did_you_mean(s.gate_mode, list(GATE_MODES))
+                ("gate_mode",), "unknown gate mode; " + did_you_mean(s.gate_mode, list(GATE_MODES))
             )
         )
     if s.architecture is not None and recipe.family is None:
         problems.append(
             loc.error(
                 ("architecture",),
-                "unknown MoE architecture; " + _did_you_mean(s.architecture, architecture_names()),
+                "unknown MoE architecture; " + did_you_mean(s.architecture, architecture_names()),
             )
         )
     n = len(recipe.experts)

@@ -1,7 +1,10 @@
 """The validated recipe, in the shape the planner consumes.
 
 ``models:`` recipes and ``slices:`` recipes both become lists of ``Source`` with parsed
-parameter values and the recipe path each came from (so later phases can cite a line).
+parameter values and the recipe path each came from (so later phases can cite a line). A
+``modules:`` recipe (multimodal models) is one ``Part`` per module, each with its own models
+or slices and parameters; a recipe without ``modules:`` is one part covering every module
+(``Recipe.parts``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,25 @@ class SliceSpec:
         return r[1] - r[0]
 
 
+@dataclass(frozen=True)
+class Part:
+    """What the output's tensors of one module are made of: whole models or slices, plus the
+    module's own parameters (below a slice's, above the top level's in precedence).
+    ``module`` is None for a recipe without ``modules:``: the part covers every module."""
+
+    module: str | None
+    models: tuple[Source, ...] | None
+    slices: tuple[SliceSpec, ...] | None
+    params: Params
+    path: PathKey
+
+    def sources(self) -> list[Source]:
+        """Every source of the part, in recipe order."""
+        if self.models is not None:
+            return list(self.models)
+        return [src for sl in self.slices or () for src in sl.sources]
+
+
 @dataclass
 class Recipe:
     """A recipe that passed schema and method checks."""
@@ -60,6 +82,14 @@ class Recipe:
     slices: tuple[SliceSpec, ...] | None
     base_model: str | None
     warnings: list[str] = field(default_factory=list)
+    modules: tuple[Part, ...] | None = None
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        """The recipe's modules, or one part for the whole model."""
+        if self.modules is not None:
+            return self.modules
+        return (Part(None, self.models, self.slices, {}, ()),)
 
     @property
     def dtype(self) -> str | None:
@@ -97,12 +127,13 @@ class Recipe:
                 found[ref] = path
 
         add(self.base_model, ("base_model",))
-        for src in self.models or ():
-            add(src.model, src.path + ("model",))
-        for sl in self.slices or ():
-            add(sl.base_model, sl.path + ("base_model",))
-            for src in sl.sources:
+        for part in self.parts:
+            for src in part.models or ():
                 add(src.model, src.path + ("model",))
+            for sl in part.slices or ():
+                add(sl.base_model, sl.path + ("base_model",))
+                for src in sl.sources:
+                    add(src.model, src.path + ("model",))
         tok = self.tokenizer_source
         if tok and tok not in ("base", "union"):
             add(tok, ("tokenizer", "source") if self.tokenizer else ("tokenizer_source",))

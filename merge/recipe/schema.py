@@ -14,13 +14,17 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
 )
+
+from merge.recipe.refs import ref_text
 
 DTYPES = {
     "float32": "float32",
@@ -45,7 +49,10 @@ def _check_ref(value: str) -> str:
     return value
 
 
-RefStr = Annotated[StrictStr, AfterValidator(_check_ref)]
+# A model reference: text, or mergekit's mapping form turned into text (``merge.recipe.refs``).
+RefStr = Annotated[StrictStr, BeforeValidator(ref_text), AfterValidator(_check_ref)]
+# ``base``, ``union`` or a model reference (checked in ``merge.recipe.validate``).
+TokenizerSource = Annotated[StrictStr, BeforeValidator(ref_text)]
 
 
 class ModelEntry(Strict):
@@ -71,10 +78,12 @@ class SliceSource(Strict):
 
 
 class Slice(Strict):
-    """``slices[i]``: output layers built from equally long ranges of the sources."""
+    """``slices[i]``: output layers built from equally long ranges of the sources.
+    ``residual_weight`` is accepted and has no effect, as in mergekit (a warning says so)."""
 
     sources: list[SliceSource] = Field(min_length=1)
     base_model: RefStr | None = None
+    residual_weight: StrictFloat | StrictInt | None = None
     parameters: dict[str, Any] | None = None
 
 
@@ -89,9 +98,19 @@ class TokenizerConfig(Strict):
     """``tokenizer:``: the output vocabulary (``merge.vocab``); ``source`` defaults to
     ``union``, as in mergekit."""
 
-    source: StrictStr = "union"
+    source: TokenizerSource = "union"
     tokens: dict[str, TokenSpec] | None = None
     pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0)
+
+
+class ModuleEntry(Strict):
+    """``modules.<name>``: one module of a multimodal model (``text_decoder``,
+    ``vision_tower``, ``multi_modal_projector``) merged with its own models or slices and
+    parameters (mergekit's ``OutputModuleDefinition``)."""
+
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
+    slices: list[Slice] | None = Field(default=None, min_length=1)
+    parameters: dict[str, Any] | None = None
 
 
 class RecipeSchema(Strict):
@@ -100,11 +119,12 @@ class RecipeSchema(Strict):
     merge_method: StrictStr
     models: list[ModelEntry] | None = Field(default=None, min_length=1)
     slices: list[Slice] | None = Field(default=None, min_length=1)
+    modules: dict[StrictStr, ModuleEntry] | None = Field(default=None, min_length=1)
     base_model: RefStr | None = None
     parameters: dict[str, Any] | None = None
     dtype: StrictStr | None = None
     out_dtype: StrictStr | None = None
-    tokenizer_source: StrictStr | None = None
+    tokenizer_source: TokenizerSource | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: StrictStr | None = None
     seed: StrictInt | None = Field(default=None, ge=0)

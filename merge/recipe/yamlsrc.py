@@ -78,10 +78,26 @@ def _walk(node: yaml.Node, path: PathKey, loc: Locator, problems: list[str]) -> 
             _walk(item, path + (i,), loc, problems)
 
 
+def _single_document(text: str, file: str) -> None:
+    """Several YAML documents (``---`` between them) are a mergekit-multi recipe: one stage
+    per document. Say so, naming the line where the second document starts."""
+    starts = [
+        event.start_mark.line + 1 if event.start_mark else 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader)
+        if isinstance(event, yaml.DocumentStartEvent)
+    ]
+    if len(starts) > 1:
+        raise RecipeError(
+            f"{file}:{starts[1]}: a second YAML document: multi-stage recipes (mergekit-multi, "
+            f"one stage per document) are not supported yet; run each stage as its own recipe"
+        )
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, Locator]:
     """Parse YAML text; raise RecipeError with the file and line on a syntax error."""
     loc = Locator(file)
     try:
+        _single_document(text, file)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:

@@ -1,6 +1,6 @@
 """``tokenizer.tokens``: resolve each override's ``source`` to the embedding row(s) it names.
 
-Forms (mergekit's): a model reference (that model's row of the same token),
+Forms (mergekit's): a model reference, as text or as a mapping (that model's row of the same token),
 ``{kind: model_token, model: REF, token: TOKEN}`` or ``{..., token_id: ID}`` (that model's row
 of another token, or of an id), and ``{kind: zero}`` (a zero row). ``force: true`` applies the
 row to every model, not only to those lacking the token. The model must be one of the recipe's
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from merge.recipe.refs import is_ref_mapping, ref_text
 from merge.sources import ModelRef
 from merge.vocab.align import ModelVocab, Override, RowSource
 
@@ -87,6 +88,11 @@ class _Where:
         self.problems.append(self.recipe.loc.error(self.path + sub, message))
 
     def model(self, text: Any, sub: tuple[str, ...]) -> str | None:
+        try:
+            text = ref_text(text)  # mergekit's mapping form of a reference, as text
+        except ValueError as e:
+            self.bad(sub, str(e))
+            return None
         ref = match_ref(text, self.refs) if isinstance(text, str) else None
         if ref is None:
             self.bad(sub, f"{text!r} is not a model of this recipe ({', '.join(self.refs)})")
@@ -94,7 +100,7 @@ class _Where:
         return ref if ref in self.vocabs else None  # else its problem is reported already
 
     def source(self, token: str, source: Any) -> tuple[RowSource, ...] | None:
-        if isinstance(source, str):
+        if isinstance(source, str) or is_ref_mapping(source):
             ref = self.model(source, ())
             if ref is None:
                 return None
