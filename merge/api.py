@@ -36,6 +36,14 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 RECIPE_NAME = "merge-recipe.yaml"
+# Files a multimodal model needs beside its weights and tokenizer (image and video processors,
+# the processor's chat template): copied from the config donor, as mergekit does.
+TAGALONG_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+)
 
 
 def _shard_bytes(value: str | int) -> int:
@@ -121,6 +129,10 @@ def write_extras(p: Plan, out: Path) -> None:
     gen = _generation_config(p)
     if gen is not None:
         (out / "generation_config.json").write_bytes(gen.read_bytes())
+    for name in TAGALONG_FILES:
+        path = p.models[p.donor].directory / name
+        if path.is_file():
+            (out / name).write_bytes(path.read_bytes())
     template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
     built = p.vocab.tokenizer if p.vocab else None
     added = p.vocab.added if p.vocab else []

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|layer|decoder_layers)\.(\d+)(\.|$)")
-PRE_RE = re.compile(r"(embed|wte|wpe|word_embeddings|tok_embeddings|embeddings)")
+PRE_RE = re.compile(
+    r"(embed|wte|wpe|word_embeddings|tok_embeddings|embeddings|pre_layrnorm|pre_layernorm"
+    r"|ln_pre|patch_conv)"
+)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 NOT_PER_LAYER = ("architectures", "auto_map")
 TIED_PAIRS = (
@@ -93,14 +96,31 @@ def ties_embeddings(config: dict[str, Any]) -> bool:
 
 
 def tied_partner(name: str, available: Iterable[str]) -> str | None:
-    """For a missing lm_head of a tied model, the embedding tensor that stands in for it."""
+    """For a missing lm_head of a tied model, the embedding tensor that stands in for it: a
+    known embedding name under the lm_head's prefix (``language_model.lm_head.weight`` ->
+    ``language_model.model.embed_tokens.weight``), else the model's only token embedding."""
     have = set(available)
     for head, embeds in TIED_PAIRS:
         if name.endswith(head):
+            prefix = name[: -len(head)]
             for e in embeds:
-                if e in have:
-                    return e
+                if prefix + e in have:
+                    return prefix + e
+            return embedding_name(have)
     return None
+
+
+def embedding_name(names: Iterable[str]) -> str | None:
+    """The token embedding among ``names``: a known name, else the only tensor outside the
+    layers named ``...embed_tokens.weight`` (e.g. ``model.language_model.embed_tokens.weight``
+    of a multimodal model); None if there is none or several."""
+    have = set(names)
+    for _, embeds in TIED_PAIRS:
+        for e in embeds:
+            if e in have:
+                return e
+    found = [n for n in have if n.endswith("embed_tokens.weight") and layer_of(n) is None]
+    return found[0] if len(found) == 1 else None
 
 
 def output_config(
@@ -108,9 +128,12 @@ def output_config(
     dtype: str,
     layer_map: Sequence[int] | None,
     vocab_size: int | None = None,
+    vision_map: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The donor's config with the output dtype, the output ``vocab_size`` (when a tokenizer
-    setting changed it) and, for frankenmerges, the new layer stack.
+    setting changed it) and, for frankenmerges, the new layer stack of the text layers
+    (``layer_map``) and of a multimodal model's vision tower (``vision_map``, in
+    ``vision_config``).
 
     ``layer_map[i]`` is the donor layer that output layer ``i`` copies its per-layer config
     entries (such as ``layer_types``) from.
@@ -122,19 +145,28 @@ def output_config(
     if vocab_size is not None:
         target = cfg if "vocab_size" in cfg else _text_config(cfg)
         target["vocab_size"] = vocab_size
-    if layer_map is None:
-        return cfg
-    target = cfg if any(k in cfg for k in LAYER_COUNT_KEYS) else _text_config(cfg)
-    old = num_layers(target)
-    for key in LAYER_COUNT_KEYS:
-        if key in target:
-            target[key] = len(layer_map)
-            break
-    else:
-        target["num_hidden_layers"] = len(layer_map)
-    for key, value in list(target.items()):
-        if key in NOT_PER_LAYER or key.endswith(("_id", "_ids")):
-            continue
-        if isinstance(value, list) and old is not None and len(value) == old and old > 0:
-            target[key] = [value[min(i, old - 1)] for i in layer_map]
+    if layer_map is not None:
+        target = cfg if any(k in cfg for k in LAYER_COUNT_KEYS) else _text_config(cfg)
+        key = next((k for k in LAYER_COUNT_KEYS if k in target), "num_hidden_layers")
+        restack(target, key, layer_map)
+    if vision_map is not None:
+        from merge.modules import vision_section
+
+        section = vision_section(cfg)
+        if section is not None:
+            restack(*section, vision_map)
     return cfg
+
+
+def restack(target: dict[str, Any], key: str, layer_map: Sequence[int]) -> None:
+    """Set ``target[key]`` (a layer count) to ``len(layer_map)`` and remap the per-layer lists
+    (those as long as the old count, except ids) of ``target`` in place."""
+    old = target.get(key)
+    target[key] = len(layer_map)
+    if not isinstance(old, int) or isinstance(old, bool) or old <= 0:
+        return
+    for name, value in list(target.items()):
+        if name in NOT_PER_LAYER or name.endswith(("_id", "_ids")):
+            continue
+        if isinstance(value, list) and len(value) == old:
+            target[name] = [value[min(i, old - 1)] for i in layer_map]

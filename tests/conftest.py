@@ -16,8 +16,9 @@ qwen2_tied_ft       qwen2   2       yes   qwen2_tied + 0.02 noise (seed 4)
 ==================  ======  ======  ====  ==========================================
 
 Every checkpoint has hidden size 32, the quick start tokenizer (vocab 512) and a
-generation_config.json. ``make_checkpoint(name, **make_tiny_kwargs)`` builds others under
-``tmp_path``.
+generation_config.json. ``llava_base``/``llava_ft`` and ``qwen2vl_base``/``qwen2vl_ft`` are
+tiny multimodal models (``tests/tiny_vlm.py``: 2 text layers, 3 vision layers).
+``make_checkpoint(name, **make_tiny_kwargs)`` builds others under ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` in any import mode
 
 from tiny import QUICKSTART_TOKENIZER, make_tiny  # noqa: E402
+from tiny_vlm import make_tiny_vlm  # noqa: E402
 
 # Patched both in the environment and in huggingface_hub.constants, which reads the
 # environment once at import time.
@@ -122,6 +124,26 @@ def qwen2_tied(tiny_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_tied_ft(tiny_root: Path, qwen2_tied: Path) -> Path:
     return make_tiny(tiny_root / "qwen2_tied_ft", seed=4, noise_from=qwen2_tied)
+
+
+@pytest.fixture(scope="session")
+def llava_base(tiny_root: Path) -> Path:
+    return make_tiny_vlm(tiny_root / "llava_base", "llava", seed=10)
+
+
+@pytest.fixture(scope="session")
+def llava_ft(tiny_root: Path, llava_base: Path) -> Path:
+    return make_tiny_vlm(tiny_root / "llava_ft", seed=11, noise_from=llava_base)
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_base(tiny_root: Path) -> Path:
+    return make_tiny_vlm(tiny_root / "qwen2vl_base", "qwen2_vl", seed=12)
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_ft(tiny_root: Path, qwen2vl_base: Path) -> Path:
+    return make_tiny_vlm(tiny_root / "qwen2vl_ft", seed=13, noise_from=qwen2vl_base)
 
 
 @pytest.fixture

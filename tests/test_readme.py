@@ -11,7 +11,7 @@ from merge.cli import app
 from merge.methods import METHODS
 from merge.methods.docs import methods_table
 from merge.moe.schema import ExpertEntry, MoeSchema
-from merge.recipe.schema import ModelEntry, RecipeSchema, Slice, SliceSource
+from merge.recipe.schema import ModelEntry, ModuleEntry, RecipeSchema, Slice, SliceSource
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -44,7 +44,15 @@ def test_every_command_is_documented() -> None:
 
 
 def test_every_recipe_key_is_documented() -> None:
-    for model in (RecipeSchema, ModelEntry, Slice, SliceSource, MoeSchema, ExpertEntry):
+    for model in (
+        RecipeSchema,
+        ModelEntry,
+        ModuleEntry,
+        Slice,
+        SliceSource,
+        MoeSchema,
+        ExpertEntry,
+    ):
         for key in model.model_fields:
             pattern = rf"(`|\{{|, ){key}(`|:)"
             assert re.search(pattern, README), f"README does not mention recipe key {key}"

@@ -169,7 +169,8 @@ def test_a_model_without_tokenizer_files_cannot_be_matched(
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {path}:6: models[1].model: vocabulary sizes differ (513 in model "
-        f"'{abc['A']}', 515 in model '{bare}'); model '{bare}' has no tokenizer files, so its 515 embedding rows "
-        f"cannot be matched to the output vocabulary ('{abc['A']}' has 513) by token"
+        f"'{abc['A']}', 515 in model '{bare}'); model '{bare}' has no tokenizer files, so its "
+        f"515 embedding rows cannot be matched to the output vocabulary ('{abc['A']}' has "
+        "513) by token"
     ]
     assert not (tmp_path / "out").exists()

@@ -37,10 +37,9 @@ def model_rows(config: dict[str, Any], tensors: Mapping[str, Any]) -> int | None
         value = cfg.get("vocab_size") if isinstance(cfg, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    for head, embeds in arch.TIED_PAIRS:
-        for name in (*embeds, head):
-            if name in tensors and tensors[name].shape:
-                return int(tensors[name].shape[0])
+    for name in (arch.embedding_name(tensors), *(head for head, _ in arch.TIED_PAIRS)):
+        if name is not None and name in tensors and tensors[name].shape:
+            return int(tensors[name].shape[0])
     return None
 
 

@@ -69,8 +69,7 @@ def default_warning(vocab: VocabPlan, sizes: Mapping[str, int | None]) -> str:
             )
         if extra:
             notes.append(
-                f"model '{ref}' has {len(extra)} row(s) the output lacks, dropped: "
-                f"{_listed(extra)}"
+                f"model '{ref}' has {len(extra)} row(s) the output lacks, dropped: {_listed(extra)}"
             )
     return (
         f"{sizes_text(sizes)} and the recipe sets no tokenizer: the output "
