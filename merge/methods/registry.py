@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 
-from merge.methods.adaptive import MODEL_STOCK, RAM, SCE
+from merge.methods.adaptive import MODEL_STOCK, SCE
 from merge.methods.base import Method
 from merge.methods.linear import LINEAR, PASSTHROUGH
 from merge.methods.pairwise import ARCEE_FUSION, NEARSWAP
+from merge.methods.ram import RAM
 from merge.methods.slerp import SLERP
 from merge.methods.spherical import KARCHER, MULTISLERP, NUSLERP
 from merge.methods.task_family import (
