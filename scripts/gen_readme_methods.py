@@ -9,9 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from merge.methods.docs import replace_table
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's registry, not whichever merge is installed
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from merge.methods.docs import replace_table  # noqa: E402
+
+README = ROOT / "README.md"
 
 
 def main(argv: list[str]) -> int:

@@ -35,9 +35,10 @@ EVERY = sorted(
         *ALL,
         *("nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion"),
         *("ram", "sce", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"),
+        "ramplus_tl",
     ]
 )
-"""Every built-in method (the later ones are tested in test_methods_geometric/_sparse.py)."""
+"""Every built-in method (the later ones are tested in test_methods_geometric/_sparse/_ram.py)."""
 
 
 # --- helpers --------------------------------------------------------------------------------

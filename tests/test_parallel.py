@@ -220,6 +220,12 @@ def recipes(base: Path, ft1: Path, ft2: Path) -> dict[str, dict[str, Any]]:
             "models": fts(),
             "parameters": {"select_topk": 0.5},
         },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            **with_base,
+            "models": fts(),
+            "parameters": {"epsilon": 0.02, "r": 0.5, "alpha": 1.0},
+        },
         "slerp": {
             "merge_method": "slerp",
             **with_base,

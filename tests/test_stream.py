@@ -53,6 +53,8 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("model_stock", {"filter_wise": True}, True),  # whole rows: each chunk on its own
     ("sce", {"select_topk": 0.4}, False),  # exact variance cut, float64 energies
     ("sce", {"select_topk": 1.0}, False),
+    ("ramplus_tl", {"r": 0.5, "alpha": 1.0, "epsilon": 0.5}, True),  # exact counts over chunks
+    ("ramplus_tl", {}, True),  # every entry shared: no lambda
 ]
 
 
@@ -134,7 +136,8 @@ def test_cut_over_chunks_keeps_exactly_k_with_ties_in_flat_order(seed: int) -> N
 
 
 @pytest.mark.parametrize(
-    "method", ["ties", "dare_ties", "slerp", "breadcrumbs", "della", "model_stock", "sce"]
+    "method",
+    ["ties", "dare_ties", "slerp", "breadcrumbs", "della", "model_stock", "sce", "ramplus_tl"],
 )
 def test_executor_chunk_size_does_not_change_the_bytes(
     tmp_path: Path,
@@ -165,12 +168,13 @@ def _load(out: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs", "ramplus_tl"])
 def test_task_vectors_subtract_inputs_in_their_stored_dtype(
     tmp_path: Path, method: str, make_checkpoint: Any
 ) -> None:
-    """The executor hands the task family its inputs as stored (bf16, fp16) and the float32
-    base; the bytes equal the whole-tensor path's, which converts every input first."""
+    """The executor hands the task family (and ramplus_tl) its inputs as stored (bf16, fp16)
+    and the float32 base; the bytes equal the whole-tensor path's, which converts every input
+    first."""
     base = make_checkpoint("base", dtype=torch.bfloat16, seed=21)
     ft1 = make_checkpoint("ft1", dtype=torch.bfloat16, noise_from=base, seed=22)
     ft2 = make_checkpoint("ft2", dtype=torch.float16, noise_from=base, seed=23)

@@ -1,4 +1,4 @@
-"""Task-vector merges whose coefficients come from the task vectors: model_stock, sce, ram.
+"""Task-vector merges whose coefficients come from the task vectors: model_stock, sce.
 
 With ``d_i = x_i - b`` (``N`` models besides the base ``b``):
 
@@ -16,20 +16,17 @@ With ``d_i = x_i - b`` (``N`` models besides the base ``b``):
   ``a_i = mean(d_i^2) / sum_j mean(d_j^2)`` (uniform if all are 0); TIES sign election on the
   sum of the ``d_i`` (0 counts as +), ``m_i = [sign(d_i) == s]``;
   ``out = b + sum a_i m_i d_i / max(sum a_i m_i, 1e-6)``.
-- ram (https://arxiv.org/abs/2601.13572): entry active for model i if ``|d_i| > epsilon``;
-  ``c`` = number of active models; ``out = b + sum_i d_i [active] / max(c, 1)`` (an entry
-  changed by one model takes its change; by several, their mean; by none, the base).
 
-All three are streamed chunk by chunk (``merge.methods.stream``): model_stock with one
-statistics pass that sums the squared norms and pairwise dot products in float64 (with
-``filter_wise``, chunks of whole rows and no pass); sce with two radix-select passes over the
-variances (``select_topk < 1``) and one float64 pass for the energies; ram entry by entry.
-All three work model by model on temporaries of their own; inputs are never modified.
-``workspace`` counts buffers of a chunk's size (of the tensor's on the whole-tensor path):
-model_stock's statistics pass holds every task vector, ram keeps a sum and a uint8 count, sce
-holds every task vector plus its accumulators and the variance selection (ram's and sce's
-were measured as peak RSS over the inputs, 4M-entry tensors, 2 and 6 models).
-What this does not do: weights (none of these methods takes per-model parameters).
+Both are streamed chunk by chunk (``merge.methods.stream``): model_stock with one statistics
+pass that sums the squared norms and pairwise dot products in float64 (with ``filter_wise``,
+chunks of whole rows and no pass); sce with two radix-select passes over the variances
+(``select_topk < 1``) and one float64 pass for the energies. Both work model by model on
+temporaries of their own; inputs are never modified. ``workspace`` counts buffers of a
+chunk's size (of the tensor's on the whole-tensor path): model_stock's statistics pass holds
+every task vector, sce holds every task vector plus its accumulators and the variance
+selection (sce's was measured as peak RSS over the inputs, 4M-entry tensors, 2 and 6 models).
+What this does not do: weights (neither method takes per-model parameters); ram and
+ramplus_tl, whose coefficients come from counts of changed entries, are in ``ram.py``.
 """
 
 from __future__ import annotations
@@ -40,22 +37,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.methods.base import Method, Param
+from merge.methods.base import Method, Param, need_base
 from merge.methods.radix import magnitude_bits
-from merge.methods.stream import Cut, Elementwise, Streamed, float64_sum, whole
+from merge.methods.stream import Cut, Streamed, float64_sum, whole
 from merge.methods.task_arithmetic import elect_signs
 
-__all__ = ["MODEL_STOCK", "RAM", "SCE", "SceStream", "StockStream", "model_stock", "ram", "sce"]
+__all__ = ["MODEL_STOCK", "SCE", "SceStream", "StockStream", "model_stock", "sce"]
 
 STOCK_NORM_FLOOR = 1e-6
 STOCK_DENOM_EPS = 1e-6
 SCE_DIVISOR_FLOOR = 1e-6
-
-
-def _need_base(name: str, base: Tensor | None) -> Tensor:
-    if base is None:
-        raise ValueError(f"{name} needs a base tensor, got None")
-    return base
 
 
 # --- model_stock ------------------------------------------------------------------------------
@@ -90,7 +81,7 @@ class StockStream(Streamed):
         self._cos = 0.0
 
     def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
-        b, n = _need_base("model_stock", base), _stock_models(xs)
+        b, n = need_base("model_stock", base), _stock_models(xs)
         deltas = [x - b for x in xs]
         if not self._squares:
             self._squares = [0.0] * n
@@ -110,7 +101,7 @@ class StockStream(Streamed):
         self._cos = total / (n * (n - 1) // 2)
 
     def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
-        b, n = _need_base("model_stock", base), _stock_models(xs)
+        b, n = need_base("model_stock", base), _stock_models(xs)
         if self.rows:
             b_rows = b.view(-1, self.row)
             rows = [x.view(-1, self.row) for x in xs]
@@ -175,7 +166,7 @@ class SceStream(Streamed):
         self.coefs: list[float] = []
 
     def _deltas(self, xs: list[Tensor], base: Tensor | None) -> list[Tensor]:
-        b = _need_base("sce", base)
+        b = need_base("sce", base)
         return [x - b for x in xs]
 
     def _select(self, deltas: list[Tensor]) -> list[Tensor]:
@@ -215,7 +206,7 @@ class SceStream(Streamed):
         self.coefs = [e / total for e in energy] if total > 0 else [1.0 / n] * n
 
     def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
-        b = _need_base("sce", base)
+        b = need_base("sce", base)
         deltas = self._select(self._deltas(xs, base))
         positive = elect_signs(deltas)
         merged = torch.zeros_like(b)
@@ -231,26 +222,6 @@ class SceStream(Streamed):
 sce = whole(
     SceStream, "sce", "Select (variance top-k), calculate (mean-square weights), erase (signs)."
 )
-
-
-# --- ram --------------------------------------------------------------------------------------
-
-
-def ram(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Each entry: the mean of the task vectors that changed it by more than ``epsilon``."""
-    b = _need_base("ram", base)
-    epsilon = float(params["epsilon"])
-    merged = torch.zeros_like(b)
-    count = torch.zeros(b.shape, dtype=torch.uint8 if len(tensors) < 256 else torch.int32)
-    for x in tensors:
-        d = x - b
-        active = d.gt(epsilon).logical_or_(d.lt(-epsilon))  # |d| > epsilon, no float temporary
-        merged.add_(d.masked_fill_(active.logical_not(), 0.0))
-        count.add_(active)
-        del d, active
-    return merged.div_(count.clamp_(min=1)).add_(b)
 
 
 MODEL_STOCK = Method(
@@ -295,25 +266,4 @@ SCE = Method(
     paper="https://arxiv.org/abs/2408.07990",
     description="select high-variance positions, weight models by energy, erase minority signs",
     workspace=(1.0, 4.0),
-)
-RAM = Method(
-    name="ram",
-    fn=ram,
-    params=(
-        Param(
-            "epsilon",
-            False,
-            float,
-            1e-5,
-            low=0,
-            help="a task-vector entry counts as a change above this magnitude",
-        ),
-    ),
-    base="required",
-    min_models=1,
-    max_models=None,
-    paper="https://arxiv.org/abs/2601.13572",
-    description="add each entry's mean change over the models that changed it",
-    workspace=(0.0, 3.0),
-    stream=Elementwise.of(ram),
 )

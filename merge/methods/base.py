@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["REQUIRED", "Method", "MethodFn", "Param", "ParamCheck", "show_value"]
+__all__ = ["REQUIRED", "Method", "MethodFn", "Param", "ParamCheck", "need_base", "show_value"]
 
 
 class _Required(enum.Enum):
@@ -59,6 +59,14 @@ def show_value(value: Any) -> str:
     if value is None:
         return "null"
     return repr(value)
+
+
+def need_base(name: str, base: Tensor | None) -> Tensor:
+    """``base``, or a ``ValueError`` naming method ``name`` if it is ``None`` (a method with
+    ``base="required"`` called without one)."""
+    if base is None:
+        raise ValueError(f"{name} needs a base tensor, got None")
+    return base
 
 
 def _num(x: float) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 
-from merge.methods.adaptive import MODEL_STOCK, RAM, SCE
+from merge.methods.adaptive import MODEL_STOCK, SCE
 from merge.methods.base import Method
 from merge.methods.linear import LINEAR, PASSTHROUGH
 from merge.methods.pairwise import ARCEE_FUSION, NEARSWAP
+from merge.methods.ram import RAM, RAMPLUS_TL
 from merge.methods.slerp import SLERP
 from merge.methods.spherical import KARCHER, MULTISLERP, NUSLERP
 from merge.methods.task_family import (
@@ -90,5 +91,7 @@ for _builtin in (LINEAR, PASSTHROUGH, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR,
     register(_builtin)
 for _builtin in (BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR):
     register(_builtin)
-for _builtin in (NUSLERP, MULTISLERP, KARCHER, MODEL_STOCK, SCE, RAM, NEARSWAP, ARCEE_FUSION):
+for _builtin in (NUSLERP, MULTISLERP, KARCHER, MODEL_STOCK, SCE, RAM, RAMPLUS_TL):
+    register(_builtin)
+for _builtin in (NEARSWAP, ARCEE_FUSION):
     register(_builtin)
