@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import constants
 from torch.testing import assert_close
 
-from hubserver import HubServer, commit_sha
+from hubserver import HubServer, commit_sha, use_endpoint
 from merge import api
 from merge.errors import SourceError
 from merge.hub import download_model
@@ -59,23 +59,7 @@ def hub(
     }
     cache = tmp_path / "hub-cache"
     with HubServer(repos, gated=("org/gated",)) as server:
-        for key, value in {
-            "HF_ENDPOINT": server.endpoint,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_CACHE": str(cache),
-        }.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-        for key, value in {
-            "ENDPOINT": server.endpoint,
-            "HUGGINGFACE_CO_URL_TEMPLATE": server.endpoint
-            + "/{repo_id}/resolve/{revision}/{filename}",
-            "HF_HUB_OFFLINE": False,
-            "HF_HUB_DISABLE_XET": True,
-            "HF_HUB_CACHE": str(cache),
-        }.items():
-            monkeypatch.setattr(constants, key, value)
+        use_endpoint(monkeypatch, server.endpoint, cache)
         monkeypatch.chdir(tmp_path)  # no local folder named org/... shadows the Hub ids
         yield server
 
@@ -198,3 +182,4 @@ def test_run_recipe_with_hub_models(
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model"] == ["org/tiny"] and front["base_model_relation"] == "merge"
     assert f"org/tiny@v1 (revision {commit_sha('org/tiny', 'v1')})" in card
+
