@@ -183,3 +183,22 @@ def test_run_recipe_with_hub_models(
     assert front["base_model"] == ["org/tiny"] and front["base_model_relation"] == "merge"
     assert f"org/tiny@v1 (revision {commit_sha('org/tiny', 'v1')})" in card
 
+
+def test_local_server_counts_as_reachable_probed_once_per_run(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """Each run probes the Hub once (HEAD on the endpoint, whose 404 is an answer), then
+    downloads; the next run probes again."""
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": m, "parameters": {"weight": 1.0}}
+            for m in ("org/tiny", "org/tiny@v1", "org/bin-only")
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for run in (1, 2):
+        assert sorted(api.plan(path).models) == ["org/bin-only", "org/tiny", "org/tiny@v1"]
+        assert hub.requests.count(("HEAD", "/")) == run
+    assert "pytorch_model.bin" in hub.fetched("org/bin-only")
