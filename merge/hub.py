@@ -16,15 +16,28 @@ Environment is read at call time (huggingface_hub reads some of it once at impor
 ``HF_HUB_OFFLINE`` switches to cache-only, ``HF_ENDPOINT`` the server. Every failure becomes a
 one-line ``SourceError`` with the next step.
 
+Offline without ``HF_HUB_OFFLINE``: inside ``hub_run()`` (``merge.sourceset.open_models`` opens
+one per run) the Hub is probed once, before the first Hub model, with one request through
+huggingface_hub's own HTTP session (so ``HF_ENDPOINT``, proxies and a custom client factory
+apply) and a short timeout (``MERGE_HUB_PROBE_TIMEOUT`` seconds, default 3). Any HTTP answer
+means reachable; a connection error or timeout means every Hub model of the run comes from the
+cache, with no further network attempt, and so does a network error of a later request. This
+spares the run huggingface_hub's retries (about 23 s per model). Outside ``hub_run()`` nothing
+is probed.
+
 What this module does not do: publish (a later ``merge.hub`` part), resolve local paths
 (``merge.sources``), read weights, or record revisions for the lock file.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from merge.checkpoint import BIN_INDEX, SAFE_INDEX
@@ -34,6 +47,12 @@ from merge.tokenizer import TOKENIZER_FILES
 # What a merge needs besides weights and top-level json files.
 NEEDED_FILES = frozenset(TOKENIZER_FILES) | {"generation_config.json"}
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+PROBE_TIMEOUT_VAR = "MERGE_HUB_PROBE_TIMEOUT"
+PROBE_TIMEOUT_S = 3.0
+OFFLINE_STEP = "download it once online or use a local path"
+UNREACHABLE_STEP = (
+    "download it once online, use a local path, or set HF_HUB_OFFLINE=1 to use only the cache"
+)
 
 
 class HubUnreachableError(SourceError):
@@ -61,6 +80,99 @@ def offline_reason() -> str | None:
         if os.environ.get(var, "").strip().upper() in TRUE_VALUES:
             return f"{var}=1 is set"
     return None
+
+
+@dataclass
+class _Reach:
+    """One run's answer to "can the Hub be reached?", unknown until the first Hub model."""
+
+    known: bool = False
+    down: str | None = None  # why the Hub cannot be reached, once known
+
+
+_RUN: ContextVar[_Reach | None] = ContextVar("merge_hub_run", default=None)
+
+
+@contextmanager
+def hub_run() -> Iterator[None]:
+    """Within the block the Hub is probed at most once, and once it is found unreachable (by
+    the probe or by a request's network error) every Hub model comes from the cache only.
+    A nested block shares the outer one's answer, which is forgotten when the outer one ends."""
+    if _RUN.get() is not None:
+        yield
+        return
+    token = _RUN.set(_Reach())
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def hub_endpoint() -> str:
+    """The Hub's base URL: ``HF_ENDPOINT`` as it is now, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def probe_timeout() -> float:
+    """Seconds the probe waits for the Hub: ``MERGE_HUB_PROBE_TIMEOUT``, default 3."""
+    text = os.environ.get(PROBE_TIMEOUT_VAR, "").strip()
+    if not text:
+        return PROBE_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise SourceError(f"{PROBE_TIMEOUT_VAR}={text!r}: expected a number of seconds > 0")
+    return value
+
+
+def probe_hub() -> str | None:
+    """None if the Hub's endpoint gives any HTTP answer (404 too) to one request within
+    ``probe_timeout()``; else why it cannot be reached. Goes through huggingface_hub's session,
+    so its proxies, certificates and client factory are the downloads' own. The request runs in
+    a daemon thread so that the wait is bounded even where the client's timeout is not (a
+    name lookup that hangs)."""
+    from huggingface_hub import get_session
+
+    endpoint, timeout = hub_endpoint(), probe_timeout()
+    outcome: list[BaseException | None] = []
+
+    def request() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            outcome.append(None)
+        except BaseException as e:  # handed to the caller, never printed by the thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=request, name="merge-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    error = outcome[0] if outcome else TimeoutError()
+    if error is None or not _is_network_error(error):
+        return None  # an answer, or no connection problem: the real request reports it
+    if isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+        wait = f"no answer within {timeout:g} s; {PROBE_TIMEOUT_VAR} sets how long to wait"
+        return f"the Hub at {endpoint} cannot be reached ({wait})"
+    return _unreachable(error, endpoint)
+
+
+def _hub_down() -> str | None:
+    """Why the Hub cannot be reached in this ``hub_run`` (probed on first call), or None."""
+    reach = _RUN.get()
+    if reach is None:
+        return None
+    if not reach.known:
+        reach.down, reach.known = probe_hub(), True
+    return reach.down
+
+
+def _mark_down(reason: str) -> None:
+    reach = _RUN.get()
+    if reach is not None and reach.down is None:
+        reach.down, reach.known = reason, True
 
 
 def select_files(names: Iterable[str]) -> list[str]:
@@ -92,7 +204,10 @@ def download_model(repo_id: str, revision: str | None) -> Path:
     cache = hub_cache_dir()
     offline = offline_reason()
     if offline:
-        return _from_cache(repo_id, revision, cache, label, reason=offline)
+        return _from_cache(repo_id, revision, cache, label, offline, OFFLINE_STEP)
+    down = _hub_down()
+    if down:
+        return _from_cache(repo_id, revision, cache, label, down, UNREACHABLE_STEP)
     from huggingface_hub import HfApi, snapshot_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
@@ -100,7 +215,7 @@ def download_model(repo_id: str, revision: str | None) -> Path:
         with _hub_errors(label, revision, cache):
             names = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
     except HubUnreachableError as error:
-        return _from_cache(repo_id, revision, cache, label, reason=error.reason)
+        return _from_cache(repo_id, revision, cache, label, error.reason, UNREACHABLE_STEP)
     files = select_files(names)
     if not files:
         raise SourceError(
@@ -113,12 +228,15 @@ def download_model(repo_id: str, revision: str | None) -> Path:
     return Path(folder)
 
 
-def _from_cache(repo_id: str, revision: str | None, cache: Path, label: str, reason: str) -> Path:
-    """The cached snapshot for ``revision`` (branch, tag or commit), without any network."""
+def _from_cache(
+    repo_id: str, revision: str | None, cache: Path, label: str, reason: str, next_step: str
+) -> Path:
+    """The cached snapshot for ``revision`` (branch, tag or commit), without any network;
+    ``reason`` (why the cache only) and ``next_step`` make the message when it is not there."""
     from huggingface_hub import snapshot_download
 
     def cached(patterns: list[str]) -> Path:
-        with _hub_errors(label, revision, cache, offline_reason=reason):
+        with _hub_errors(label, revision, cache, offline_reason=reason, next_step=next_step):
             return Path(
                 snapshot_download(
                     repo_id,
@@ -138,7 +256,11 @@ def _from_cache(repo_id: str, revision: str | None, cache: Path, label: str, rea
 
 @contextmanager
 def _hub_errors(
-    label: str, revision: str | None, cache: Path, offline_reason: str | None = None
+    label: str,
+    revision: str | None,
+    cache: Path,
+    offline_reason: str | None = None,
+    next_step: str = OFFLINE_STEP,
 ) -> Iterator[None]:
     """Turn huggingface_hub failures into one-line SourceErrors with the next step."""
     from huggingface_hub import errors as hf
@@ -161,8 +283,7 @@ def _hub_errors(
         if offline_reason is None:
             raise SourceError(f"{where}: download failed: {_first_line(e)}") from e
         raise SourceError(
-            f"{where}: not in the Hugging Face cache ({cache}) and {offline_reason}; "
-            "download it once online or use a local path"
+            f"{where}: not in the Hugging Face cache ({cache}) and {offline_reason}; {next_step}"
         ) from e
     except hf.HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
@@ -172,10 +293,15 @@ def _hub_errors(
     except Exception as e:
         if not _is_network_error(e):
             raise
-        reason = f"the Hub cannot be reached ({type(e).__name__}: {_first_line(e)})"
+        reason = _unreachable(e, hub_endpoint())
+        _mark_down(reason)  # the run's next models go to the cache without retrying
         error = HubUnreachableError(f"{where}: {reason}; check your connection or proxy")
         error.reason = reason
         raise error from e
+
+
+def _unreachable(e: BaseException, endpoint: str) -> str:
+    return f"the Hub at {endpoint} cannot be reached ({type(e).__name__}: {_first_line(e)})"
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -184,6 +310,7 @@ def _is_network_error(e: BaseException) -> bool:
         "httpx",
         "httpx2",
         "httpcore",
+        "httpcore2",
         "requests",
         "urllib3",
     }

@@ -2,7 +2,8 @@
 
 ``open_models(recipe)`` gives one ``Model`` per distinct reference, in recipe order (base
 first). Problems from every model are collected and raised together, each prefixed with the
-recipe line that names the model.
+recipe line that names the model. The whole call is one ``merge.hub.hub_run``: the Hub is
+probed at most once, and once it is unreachable every Hub model comes from the cache only.
 
 A ``base+adapter`` reference opens the base's checkpoint wrapped in a ``LoraCheckpoint``
 (``merge.lora``), which reads the adapter and checks it against the base's headers now; the
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from merge.checkpoint import Checkpoint
 from merge.errors import MergeError, SourceError
+from merge.hub import hub_run
 from merge.lora import LoraCheckpoint
 from merge.recipe import Recipe
 
@@ -42,12 +44,13 @@ def open_models(recipe: Recipe | MoeRecipe) -> dict[str, Model]:
     paths = recipe.ref_paths()
     models: dict[str, Model] = {}
     problems: list[str] = []
-    for ref in paths:
-        try:
-            models[ref] = _open(ref, recipe.file.parent)
-        except MergeError as e:
-            where = recipe.loc.where(paths[ref])
-            problems.extend(f"{where}: {p}" for p in e.problems)
+    with hub_run():
+        for ref in paths:
+            try:
+                models[ref] = _open(ref, recipe.file.parent)
+            except MergeError as e:
+                where = recipe.loc.where(paths[ref])
+                problems.extend(f"{where}: {p}" for p in e.problems)
     if problems:
         for m in models.values():
             m.checkpoint.close()

@@ -17,6 +17,10 @@ of the page cache (at the ``1b`` preset they would). It reports min and median w
 peak RSS and peak anonymous memory, CPU utilisation and output size, and the ratios ours/mergekit
 and ours/floor, as JSON and as a markdown table with the machine and versions.
 
+``--offline`` runs another scenario instead (``_bench_offline``): ``merge validate`` of a recipe
+with ``--hub-models`` Hub models while the Hub (``--endpoint``) cannot be reached, timed as a
+subprocess, printed as one line (wall time, number of models) and written to ``--out``.
+
 Not done here: checking that outputs agree between tools (the test suite does that for the
 methods), cold-cache runs, or GPU runs (pass ``--merge-args`` to add options to ours).
 """
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench_measure as bm  # noqa: E402
 from _bench_models import PRESETS, ensure_models, parameter_count  # noqa: E402
+from _bench_offline import UNREACHABLE, offline_line, run_offline  # noqa: E402
 from _bench_report import to_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,19 +298,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     p.add_argument("--markdown", type=Path, default=None, help="markdown table file")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="instead: time `merge validate` of --hub-models Hub models, the Hub unreachable",
+    )
+    p.add_argument("--hub-models", type=int, default=4, help="Hub models of --offline")
+    p.add_argument("--endpoint", default=UNREACHABLE, help="unreachable HF_ENDPOINT of --offline")
     args = p.parse_args(argv)
     if args.compare and not args.mergekit_python:
         p.error("--compare mergekit needs --mergekit-python PATH")
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    if args.repeat < 1 or args.hub_models < 1:
+        p.error("--repeat and --hub-models must be at least 1")
     args.workdir = args.workdir.resolve()
     given = sys.argv[1:] if argv is None else argv
     args.command_line = shlex.join(["python", "scripts/bench.py", *given])
     return args
 
 
+def main_offline(args: argparse.Namespace) -> dict[str, object]:
+    result = run_offline(args.workdir, args.hub_models, args.repeat, args.endpoint, args.timeout)
+    result = {"command": args.command_line, **result}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.quiet:
+        print(offline_line(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
+    if args.offline:
+        return main_offline(args)
     result = run_bench(args)
     table = to_markdown(result)
     if args.out:

@@ -8,7 +8,9 @@ huggingface_hub client against it (``HF_ENDPOINT=server.endpoint``, ``HF_HUB_DIS
 A revision key is a branch/tag name or a 40-hex commit sha; a name gets a deterministic sha
 (``commit_sha(repo, name)``), and every revision can also be asked for by its sha. Every
 request is recorded in ``.requests`` as ``(method, path)``; ``.fetched()`` lists the files whose
-bytes were sent.
+bytes were sent. ``use_endpoint(monkeypatch, endpoint, cache)`` undoes the session's offline
+setup for one test and points the client at ``endpoint`` (a server's, or one that cannot be
+reached).
 
 The endpoints are the ones huggingface_hub 2.4 calls to read a model repo (see ``hf_api.py``
 ``model_info`` / ``_iter_repo_tree_pages`` and ``file_download.py``):
@@ -34,7 +36,11 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytest
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".onnx", ".msgpack", ".h5")
 SHA_RE = re.compile(r"[0-9a-f]{40}")
@@ -50,6 +56,29 @@ def commit_sha(repo_id: str, revision: str) -> str:
     if SHA_RE.fullmatch(revision):
         return revision
     return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+
+
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache: Path) -> None:
+    """Online mode against ``endpoint`` with a fresh ``cache``: the environment and the
+    ``huggingface_hub.constants`` values frozen at import, both undone at the test's end."""
+    from huggingface_hub import constants
+
+    for key, value in {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_CACHE": str(cache),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for key, value in {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_CACHE": str(cache),
+    }.items():
+        monkeypatch.setattr(constants, key, value)
 
 
 class HubError(Exception):

@@ -7,6 +7,7 @@ the benchmark cannot silently rot; the timings themselves are not checked.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -152,3 +153,17 @@ def test_recipes_are_mergekit_syntax() -> None:
     moe = bench.recipe_dict("moe", models)
     assert moe["gate_mode"] == "random" and len(moe["experts"]) == 2
     assert set(bench.RECIPES) >= {"linear", "slerp", "ties", "dare_ties", "della", "moe"}
+
+
+def test_offline_scenario_times_validate_against_an_unreachable_hub(tmp_path: Path) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))  # a port nothing listens on once closed
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    argv = ["--offline", "--hub-models", "3", "--repeat", "1", "--quiet", "--endpoint", endpoint]
+    result = bench.main([*argv, "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert result["ok"] and result["models"] == 3 and result["endpoint"] == endpoint
+    (run,) = result["runs"]
+    assert run["returncode"] == 2 and run["error_lines"] == 3 and run["retry_lines"] == 0
+    assert result["wall_median_s"] == run["wall_s"] > 0
+    assert "3 Hub models" in bench.offline_line(result)

@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import constants
 from torch.testing import assert_close
 
-from hubserver import HubServer, commit_sha
+from hubserver import HubServer, commit_sha, use_endpoint
 from merge import api
 from merge.errors import SourceError
 from merge.hub import download_model
@@ -59,23 +59,7 @@ def hub(
     }
     cache = tmp_path / "hub-cache"
     with HubServer(repos, gated=("org/gated",)) as server:
-        for key, value in {
-            "HF_ENDPOINT": server.endpoint,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_CACHE": str(cache),
-        }.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-        for key, value in {
-            "ENDPOINT": server.endpoint,
-            "HUGGINGFACE_CO_URL_TEMPLATE": server.endpoint
-            + "/{repo_id}/resolve/{revision}/{filename}",
-            "HF_HUB_OFFLINE": False,
-            "HF_HUB_DISABLE_XET": True,
-            "HF_HUB_CACHE": str(cache),
-        }.items():
-            monkeypatch.setattr(constants, key, value)
+        use_endpoint(monkeypatch, server.endpoint, cache)
         monkeypatch.chdir(tmp_path)  # no local folder named org/... shadows the Hub ids
         yield server
 
@@ -198,3 +182,23 @@ def test_run_recipe_with_hub_models(
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model"] == ["org/tiny"] and front["base_model_relation"] == "merge"
     assert f"org/tiny@v1 (revision {commit_sha('org/tiny', 'v1')})" in card
+
+
+def test_local_server_counts_as_reachable_probed_once_per_run(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """Each run probes the Hub once (HEAD on the endpoint, whose 404 is an answer), then
+    downloads; the next run probes again."""
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": m, "parameters": {"weight": 1.0}}
+            for m in ("org/tiny", "org/tiny@v1", "org/bin-only")
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for run in (1, 2):
+        assert sorted(api.plan(path).models) == ["org/bin-only", "org/tiny", "org/tiny@v1"]
+        assert hub.requests.count(("HEAD", "/")) == run
+    assert "pytorch_model.bin" in hub.fetched("org/bin-only")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from huggingface_hub import constants
 from huggingface_hub import errors as hf_errors
 
 from _ckpt_utils import tiny_state_dict, write_safetensors
@@ -346,9 +347,9 @@ def test_unreachable_hub_falls_back_to_cache(
     with pytest.raises(SourceError) as info:
         hub.download_model("org/other", None)
     assert str(info.value) == (
-        f"model 'org/other': not in the Hugging Face cache ({hf_cache[0]}) and the Hub cannot "
-        "be reached (ConnectionError: connection refused); download it once online or use a "
-        "local path"
+        f"model 'org/other': not in the Hugging Face cache ({hf_cache[0]}) and the Hub at "
+        f"{constants.ENDPOINT} cannot be reached (ConnectionError: connection refused); "
+        "download it once online, use a local path, or set HF_HUB_OFFLINE=1 to use only the cache"
     )
 
 
