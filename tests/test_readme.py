@@ -60,7 +60,10 @@ def test_every_recipe_key_is_documented() -> None:
 
 def test_quick_start_and_test_command_come_first() -> None:
     blocks = re.findall(r"```sh\n(.*?)\n```", README, flags=re.S)
-    assert blocks[0] == "pip install -e . && merge run recipes/quickstart.yaml out/"
-    assert blocks[1] == "pip install -e '.[dev]' && python -m pytest -q"
+    venv, cpu_torch = blocks[0].splitlines()
+    assert venv == "python3 -m venv .venv && . .venv/bin/activate"
+    assert cpu_torch == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert blocks[1] == "pip install -e . && merge run recipes/quickstart.yaml out/"
+    assert blocks[2] == "pip install -e '.[dev]' && python -m pytest -q"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "\npython -m pytest -q\n" in ci
