@@ -148,17 +148,23 @@ class StandIns:
         return folder
 
     def cache(self, *repo_ids: str) -> Path:
-        """An HF cache folder where each of ``repo_ids`` resolves to its stand-in at ``main``
-        (a snapshot of symlinks, as the Hub client writes them)."""
+        """An HF cache folder where each of ``repo_ids`` resolves to its stand-in."""
         for repo_id in repo_ids:
-            repo = self.hub / f"models--{repo_id.replace('/', '--')}"
-            if repo.is_dir():
-                continue
-            commit = hashlib.sha1(repo_id.encode()).hexdigest()
-            snapshot = repo / "snapshots" / commit
-            snapshot.mkdir(parents=True)
-            for file in self.folder(repo_id).iterdir():
-                os.symlink(file, snapshot / file.name)
-            (repo / "refs").mkdir()
-            (repo / "refs" / "main").write_text(commit)
+            seed_cache(self.hub, repo_id, self.folder(repo_id))
         return self.hub
+
+
+def seed_cache(hub: Path, repo_id: str, folder: Path) -> Path:
+    """Make ``repo_id`` resolve to ``folder``'s files at ``main`` in the HF cache ``hub`` (a
+    snapshot of symlinks, as the Hub client writes them); returns ``hub``."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    if repo.is_dir():
+        return hub
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        os.symlink(file, snapshot / file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return hub

@@ -8,6 +8,7 @@ expected tensor is computed here from the inputs with the method's formula writt
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from merge import api
 from merge import modules as mods
 from merge.cli import app
 from merge.errors import PlanError
+from standins import seed_cache
 from tiny import load_state
 from tiny_vlm import assert_image_text_forward
 
@@ -242,3 +244,43 @@ def test_default_module_and_precedence_on_a_text_model(
                 },
             )
         )
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_MODELS = {  # the README examples' Hub ids -> the tiny checkpoints' fixture names
+    "llava-hf/llava-1.5-7b-hf": "llava_base",
+    "my-org/llava-1.5-7b-chat-ft": "llava_ft",
+    "Qwen/Qwen2-VL-7B-Instruct": "qwen2vl_base",
+    "my-org/qwen2-vl-7b-ft": "qwen2vl_ft",
+}
+
+
+def readme_examples() -> list[str]:
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return [b for b in blocks if "\nmodules:\n" in b]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["llava", "qwen2_vl"])
+def test_readme_multimodal_examples_run(
+    index: int, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's two examples, with their Hub ids resolving offline to the tiny models;
+    the only edit: Qwen2-VL-7B's 28 text layers become the tiny model's 2."""
+    examples = readme_examples()
+    assert len(examples) == 2
+    text = examples[index].replace("[0, 14]", "[0, 1]").replace("[14, 28]", "[1, 2]")
+    hub = tmp_path / "hub"
+    for repo_id, fixture in README_MODELS.items():
+        if repo_id in text:
+            seed_cache(hub, repo_id, request.getfixturevalue(fixture))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(text)
+    result = runner.invoke(app, ["run", "recipe.yaml", "out"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"][0] in (
+        "LlavaForConditionalGeneration",
+        "Qwen2VLForConditionalGeneration",
+    )
+    assert_image_text_forward(tmp_path / "out")
