@@ -30,7 +30,7 @@ from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.sourceset import close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
-from merge.writer import parse_size
+from merge.writer import MIN_SHARD_BYTES, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -39,10 +39,13 @@ RECIPE_NAME = "merge-recipe.yaml"
 
 
 def _shard_bytes(value: str | int) -> int:
+    """A shard size: text as ``--out-shard-size`` takes it (at least 1MB), or a byte count."""
     try:
-        return parse_size(value)
+        if isinstance(value, int):
+            return parse_size(value, "shard size")
+        return parse_size(value, "--out-shard-size", minimum=MIN_SHARD_BYTES)
     except ValueError as e:
-        raise OutputError(f"--out-shard-size: {e}") from None
+        raise OutputError(str(e)) from None
 
 
 @contextmanager

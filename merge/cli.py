@@ -40,7 +40,11 @@ SeedOpt = Annotated[
     ),
 ]
 ShardOpt = Annotated[
-    str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")
+    str,
+    typer.Option(
+        "--out-shard-size",
+        help="Largest output shard: 5B or 5GB (10^9 bytes), 500MB, 2GiB; at least 1MB.",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 ThreadsOpt = Annotated[
