@@ -194,13 +194,14 @@ def _attention_masks(
         create_sliding_window_causal_mask,
     )
 
+    params = inspect.signature(create_causal_mask).parameters
+    cache = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
     kwargs: dict[str, Any] = {
         "config": config,
         "attention_mask": mask,
-        "past_key_values": None,
+        cache: None,
         "position_ids": pos,
     }
-    params = inspect.signature(create_causal_mask).parameters
     if "inputs_embeds" in params:  # transformers >= 5.9
         kwargs["inputs_embeds"] = hidden
     else:  # 4.53 to 5.8: the older name, and cache positions are required
@@ -240,7 +241,6 @@ def _run_layer(
         attention_mask=mask,
         position_ids=pos,
         position_embeddings=rotary,
-        past_key_values=None,
-        use_cache=False,
+        use_cache=False,  # the cache argument (past_key_values, cache from 5.24) defaults to None
     )
     return out[0] if isinstance(out, tuple) else out
