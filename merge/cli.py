@@ -1,7 +1,8 @@
 """The ``merge`` command: parse options, call one library function, print.
 
 User errors (``MergeError``) print one line per problem to stderr and exit 2, with no
-traceback (``MERGE_DEBUG=1`` shows it). Data goes to stdout; progress and warnings to stderr.
+traceback (``MERGE_DEBUG=1`` shows it). Data goes to stdout; progress and warnings
+(third-party ones included, ``merge.capture``) to stderr, and ``--quiet`` leaves errors only.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ ShardOpt = Annotated[
         help="Largest output shard: 5B or 5GB (10^9 bytes), 500MB, 2GiB; at least 1MB.",
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress bars or warnings, third-party ones included."),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
@@ -74,27 +78,35 @@ def _fail(problems: list[str]) -> None:
     raise typer.Exit(2)
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn user errors into one-line messages and exit code 2."""
+def _show_warning(text: str) -> None:
+    typer.echo(f"warning: {text}", err=True)
+
+
+def _guard(fn: Callable[[], T], quiet: bool = False) -> T:
+    """Run ``fn``; turn user errors into one-line messages and exit code 2. Third-party
+    warnings and log records inside are shown once each (``merge.capture``), or not at all
+    when ``quiet``."""
+    from merge.capture import captured
     from merge.errors import MergeError
 
     _imports_done()
-    try:
-        return fn()
-    except MergeError as e:
-        if os.environ.get("MERGE_DEBUG"):
-            raise
-        _fail(e.problems)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+    with captured(None if quiet else _show_warning):
+        try:
+            return fn()
+        except MergeError as e:
+            if os.environ.get("MERGE_DEBUG"):
+                raise
+            _fail(e.problems)
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing was written", err=True)
+            raise typer.Exit(130) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _warn(warnings: list[str], quiet: bool) -> None:
     if not quiet:
         for w in warnings:
-            typer.echo(f"warning: {w}", err=True)
+            _show_warning(w)
 
 
 def _version(value: bool) -> None:
@@ -148,7 +160,7 @@ def run(
             seed=seed,
             shard_size=out_shard_size,
             progress=not quiet,
-            warn=None if quiet else lambda w: _warn([w], quiet),
+            warn=None if quiet else _show_warning,
             info=None if quiet else lambda line: typer.echo(line, err=True),
             threads=threads,
             max_memory=max_memory,
@@ -156,7 +168,7 @@ def run(
         )
 
     start = time.perf_counter()
-    target = _guard(go)
+    target = _guard(go, quiet)
     if not quiet:
         typer.echo(f"wrote {target} in {time.perf_counter() - start:.2f} s", err=True)
 
@@ -172,7 +184,7 @@ def validate(recipe: RecipeArg, quiet: QuietOpt = False) -> None:
         _warn(p.warnings, quiet)
         return summary(p)
 
-    lines = _guard(go)
+    lines = _guard(go, quiet)
     typer.echo(f"{recipe}: ok")
     for line in lines[1:]:
         typer.echo(f"  {line}")
@@ -203,7 +215,7 @@ def plan(
             return json.dumps({**plan_json(p), "memory": mem.as_json()}, indent=2)
         return plan_text(p) + "\n" + mem.line()
 
-    typer.echo(_guard(go))
+    typer.echo(_guard(go, quiet))
 
 
 @app.command()
