@@ -26,6 +26,7 @@ from merge import options as opt
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    add_help_option=False,
     help="Build new LLM checkpoints out of existing ones from a YAML recipe.",
 )
 
@@ -83,16 +84,18 @@ def _root(
         bool,
         typer.Option(
             "--version",
+            metavar="",
             callback=_version,
             is_eager=True,
             help="Show the version and exit.",
         ),
     ] = False,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Build new LLM checkpoints out of existing ones from a YAML recipe."""
 
 
-@app.command()
+@app.command(add_help_option=False)
 def run(
     ctx: typer.Context,
     recipe: opt.RecipeArg,
@@ -126,6 +129,7 @@ def run(
     load_in_8bit: opt.LoadIn8bit = None,
     not_useful: opt.NotUseful = None,
     verbose: opt.Verbose = 0,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Merge the models of RECIPE into OUT."""
     from merge import api
@@ -161,13 +165,14 @@ def run(
         typer.echo(f"wrote {target} in {time.perf_counter() - start:.2f} s", err=True)
 
 
-@app.command()
+@app.command(add_help_option=False)
 def validate(
     recipe: opt.RecipeArg,
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
     quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Check RECIPE and its models' headers without reading tensor data."""
     from merge import api
@@ -189,7 +194,7 @@ def validate(
         typer.echo(f"  {line}")
 
 
-@app.command()
+@app.command(add_help_option=False)
 def plan(
     recipe: opt.RecipeArg,
     seed: opt.SeedOpt = None,
@@ -201,6 +206,7 @@ def plan(
     transformers_cache: opt.CacheOpt = None,
     as_json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Print every output tensor of RECIPE with its sources, method and parameters, and the
     expected peak memory under the budget."""
@@ -227,12 +233,15 @@ def plan(
     typer.echo(_guard(go, quiet))
 
 
-@app.command()
+@app.command(add_help_option=False)
 def methods(
     name: Annotated[
         str | None,
-        typer.Argument(help="Show only this method, with each parameter's meaning."),
+        typer.Argument(
+            metavar="NAME", help="Show only this method, with each parameter's meaning."
+        ),
     ] = None,
+    help: opt.HelpOpt = False,
 ) -> None:
     """List the merge methods with their parameters (scope, type, default, range) and papers."""
     from merge.methods import UnknownMethodError, get_method

@@ -9,6 +9,9 @@ is how this tool always works, or does not apply to it: each is declared with
 prints once, on stderr, unless ``--quiet``. Like mergekit, every boolean comes as
 ``--x/--no-x``.
 
+Flags show as flags in ``--help``: an empty ``metavar`` replaces typer's ``<bool>``, and
+``--help`` itself is declared here (``HelpOpt``) for the same reason.
+
 What it does not do: act on the options (``merge.api`` and ``merge.settings`` do).
 """
 
@@ -24,9 +27,15 @@ NOOP_PANEL = "mergekit options with no effect here"
 _NOTICES = "merge.notices"
 
 
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
 def flag(*decls: str, help: str, panel: str | None = None) -> Any:
-    """A boolean option."""
-    return typer.Option(*decls, help=help, show_default=False, rich_help_panel=panel)
+    """A boolean option, shown without a type."""
+    return typer.Option(*decls, metavar="", help=help, show_default=False, rich_help_panel=panel)
 
 
 def notices(ctx: typer.Context) -> list[str]:
@@ -34,7 +43,7 @@ def notices(ctx: typer.Context) -> list[str]:
     return list(ctx.meta.get(_NOTICES, []))
 
 
-def noop(*decls: str, reason: str, count: bool = False) -> Any:
+def noop(*decls: str, reason: str, metavar: str = "", count: bool = False) -> Any:
     """An option that is accepted, changes nothing and leaves the notice ``<flag> has no
     effect: <reason>`` when given (in either form of a ``--x/--no-x`` pair)."""
 
@@ -46,6 +55,7 @@ def noop(*decls: str, reason: str, count: bool = False) -> Any:
 
     return typer.Option(
         *decls,
+        metavar=metavar,
         help=f"No effect: {reason}.",
         callback=note,
         expose_value=False,
@@ -61,12 +71,24 @@ def _long_name(opts: list[str]) -> str:
 
 # --- arguments and options of our own -------------------------------------------------------
 
+HelpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--help",
+        metavar="",
+        is_eager=True,
+        expose_value=False,
+        callback=_show_help,
+        help="Show this message and exit.",
+    ),
+]
 RecipeArg = Annotated[
-    Path, typer.Argument(help="The recipe (mergekit syntax).", show_default=False)
+    Path, typer.Argument(metavar="RECIPE", help="The recipe (mergekit syntax).", show_default=False)
 ]
 OutArg = Annotated[
     Path | None,
     typer.Argument(
+        metavar="OUT",
         help="Output directory (default: ./<recipe stem>-merged).",
         show_default=False,
     ),
@@ -77,6 +99,7 @@ SeedOpt = Annotated[
     typer.Option(
         "--seed",
         "--random-seed",
+        metavar="N",
         help="Seed for random methods (default: the recipe's seed, else a fixed one).",
         show_default=False,
     ),
@@ -85,6 +108,7 @@ ShardOpt = Annotated[
     str,
     typer.Option(
         "--out-shard-size",
+        metavar="SIZE",
         help="Largest output shard: 5B or 5GB (10^9 bytes), 500MB, 2GiB; at least 1MB.",
     ),
 ]
@@ -98,6 +122,7 @@ ThreadsOpt = Annotated[
         "--threads",
         "-j",
         "--num-threads",
+        metavar="N",
         help="Tensors merged at once (default: the cores available). Never changes the output.",
         show_default=False,
     ),
@@ -106,6 +131,7 @@ MemoryOpt = Annotated[
     str | None,
     typer.Option(
         "--max-memory",
+        metavar="SIZE",
         help="Budget for tensor data in flight, e.g. 8GB (default: half the available RAM).",
         show_default=False,
     ),
@@ -114,6 +140,7 @@ DeviceOpt = Annotated[
     str | None,
     typer.Option(
         "--device",
+        metavar="DEVICE",
         help="Where the method math runs: cpu (default), cuda, cuda:N, or auto (cuda if any).",
         show_default=False,
     ),
@@ -167,6 +194,7 @@ CacheOpt = Annotated[
     Path | None,
     typer.Option(
         "--transformers-cache",
+        metavar="DIR",
         help="Where downloaded models are stored (default: the Hugging Face cache).",
         show_default=False,
         rich_help_panel=MERGEKIT_PANEL,
@@ -207,8 +235,8 @@ MultiGpu = Annotated[
         reason="the math runs on one device; pick it with --device cuda:N",
     ),
 ]
-LoraMergeCache = Annotated[str | None, noop("--lora-merge-cache", reason=_LORA)]
-LoraMergeDtype = Annotated[str | None, noop("--lora-merge-dtype", reason=_LORA)]
+LoraMergeCache = Annotated[str | None, noop("--lora-merge-cache", reason=_LORA, metavar="DIR")]
+LoraMergeDtype = Annotated[str | None, noop("--lora-merge-dtype", reason=_LORA, metavar="DTYPE")]
 CloneTensors = Annotated[
     bool | None,
     noop("--clone-tensors/--no-clone-tensors", reason="a layer used twice is always written twice"),
@@ -229,6 +257,7 @@ WriteThreads = Annotated[
     noop(
         "--write-threads",
         reason="the merge workers write their own results (--threads sets how many)",
+        metavar="N",
     ),
 ]
 LoadIn4bit = Annotated[bool | None, noop("--load-in-4bit", reason=_ROUTER)]

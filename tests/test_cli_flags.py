@@ -1,5 +1,5 @@
 """mergekit's command-line flags on ``merge run``/``plan``/``validate``: each one's effect, or
-its one notice; shard sizes in mergekit's units."""
+its one notice; shard sizes in mergekit's units; the help text."""
 
 from __future__ import annotations
 
@@ -364,3 +364,38 @@ def test_short_and_mergekit_command_lines_run(tmp_path: Path, llama_base: Path) 
     stderr = run_ok(recipe, tmp_path / "out", *args.split(), "--random-seed", "1", "-j", "2")
     assert _notes(stderr) == {"--lazy-unpickle": NOOPS["--lazy-unpickle"]}
     assert_loads_and_generates(tmp_path / "out")
+
+
+# --- --help -------------------------------------------------------------------------------------
+
+WIDE = {"COLUMNS": "240"}
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["plan"], ["methods"]])
+def test_help_shows_flags_as_flags(command: list[str]) -> None:
+    code, text, _ = cli(*command, "--help", env=WIDE)
+    assert code == 0
+    assert "<bool>" not in text and "<int>" not in text  # options show N, SIZE, DIR, ...
+    assert "Show this message and exit." in text
+    if command == ["run"]:
+        assert "Usage: merge run [OPTIONS] {RECIPE} [OUT]" in text
+        assert "RECIPE" in text and "OUT" in text and "{recipe}" not in text
+        for flag in [*NOOPS, *(f"--no-{f[2:]}" for f in PAIRS), "-j", "--num-threads"]:
+            assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s,]|$)", text, re.M), flag
+        for option in ("--random-seed", "--gpu-rich", "--no-cuda", "--transformers-cache"):
+            assert option in text
+        assert re.search(r"--out-shard-size\s+SIZE", text) and re.search(r"--seed\S*\s+N", text)
+        assert re.search(r"--overwrite\s+Replace", text)
+
+
+def test_usage_lines() -> None:
+    usages = {}
+    for command in ("run", "validate", "plan", "methods"):
+        _, text, _ = cli(command, "--help", env=WIDE)
+        usages[command] = re.search(r"Usage: (.*?)\s*$", text, re.M).group(1)  # type: ignore[union-attr]
+    assert usages == {
+        "run": "merge run [OPTIONS] {RECIPE} [OUT]",
+        "validate": "merge validate [OPTIONS] {RECIPE}",
+        "plan": "merge plan [OPTIONS] {RECIPE}",
+        "methods": "merge methods [OPTIONS] [NAME]",
+    }
