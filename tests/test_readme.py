@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_method_table_is_generated_from_the_registry() -> None:
 
 def test_generator_check_mode_detects_drift(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "gen_readme_methods.py"
-    ok = subprocess.run([sys.executable, str(script), "--check"], capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's merge, not an installed one
+    ok = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, env=env)
     assert ok.returncode == 0, ok.stdout
     from merge.methods.docs import replace_table
 
