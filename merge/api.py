@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from merge import __version__
 from merge.card import model_card
+from merge.crimes import check_architectures
 from merge.errors import OutputError
 from merge.execute import Resources, execute
 from merge.jobs import Plan
@@ -28,9 +29,10 @@ from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
+from merge.settings import applied, device_name
 from merge.sourceset import close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
-from merge.writer import parse_size
+from merge.writer import MIN_SHARD_BYTES, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,10 +49,13 @@ TAGALONG_FILES = (
 
 
 def _shard_bytes(value: str | int) -> int:
+    """A shard size: text as ``--out-shard-size`` takes it (at least 1MB), or a byte count."""
     try:
-        return parse_size(value)
+        if isinstance(value, int):
+            return parse_size(value, "shard size")
+        return parse_size(value, "--out-shard-size", minimum=MIN_SHARD_BYTES)
     except ValueError as e:
-        raise OutputError(f"--out-shard-size: {e}") from None
+        raise OutputError(str(e)) from None
 
 
 @contextmanager
@@ -59,25 +64,48 @@ def planned(
     *,
     seed: int | None = None,
     shard_size: str | int = "5GB",
+    allow_crimes: bool = False,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Iterator[Plan]:
-    """Load, resolve and plan a recipe; the models stay open inside the ``with`` block."""
+    """Load, resolve and plan a recipe; the models stay open inside the ``with`` block, and
+    the settings (``merge.settings.applied``) hold there too."""
     shard_bytes = _shard_bytes(shard_size)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
-    models = open_models(rec)
-    try:
-        if isinstance(rec, MoeRecipe):
-            from merge.moe.plan import make_moe_plan
+    with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir):
+        models = open_models(rec)
+        try:
+            if isinstance(rec, MoeRecipe):
+                from merge.moe.plan import make_moe_plan
 
-            yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
-        else:
-            yield make_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
-    finally:
-        close_models(models)
+                yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+            else:
+                crimes = check_architectures(rec, models, allow_crimes)
+                p = make_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+                p.warnings[:0] = crimes
+                yield p
+        finally:
+            close_models(models)
 
 
-def plan(recipe: str | Path | Recipe | MoeRecipe, **kwargs: object) -> Plan:
-    """The checked plan of a recipe (reads headers only)."""
-    with planned(recipe, **kwargs) as p:  # type: ignore[arg-type]
+def plan(
+    recipe: str | Path | Recipe | MoeRecipe,
+    *,
+    seed: int | None = None,
+    shard_size: str | int = "5GB",
+    allow_crimes: bool = False,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Plan:
+    """The checked plan of a recipe (reads headers only); the keywords as for ``run``."""
+    with planned(
+        recipe,
+        seed=seed,
+        shard_size=shard_size,
+        allow_crimes=allow_crimes,
+        trust_remote_code=trust_remote_code,
+        cache_dir=cache_dir,
+    ) as p:
         return p
 
 
@@ -123,8 +151,17 @@ def _generation_config(p: Plan) -> Path | None:
     return None
 
 
-def write_extras(p: Plan, out: Path) -> None:
-    """config.json, generation_config.json, tokenizer, the recipe and the model card."""
+def writes_tokenizer(p: Plan, copy_tokenizer: bool) -> bool:
+    """Whether the output gets tokenizer files: always when a recipe tokenizer setting built
+    the output's vocabulary, else unless ``--no-copy-tokenizer`` (as mergekit)."""
+    return copy_tokenizer or p.vocab is not None
+
+
+def write_extras(
+    p: Plan, out: Path, *, copy_tokenizer: bool = True, write_card: bool = True
+) -> None:
+    """config.json, generation_config.json, tokenizer (``writes_tokenizer``), the recipe and
+    the model card (unless ``write_card`` is false)."""
     (out / "config.json").write_text(json.dumps(p.config, indent=2) + "\n", encoding="utf-8")
     gen = _generation_config(p)
     if gen is not None:
@@ -133,18 +170,24 @@ def write_extras(p: Plan, out: Path) -> None:
         path = p.models[p.donor].directory / name
         if path.is_file():
             (out / name).write_bytes(path.read_bytes())
-    template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
-    built = p.vocab.tokenizer if p.vocab else None
-    added = p.vocab.added if p.vocab else []
-    write_tokenizer(p.models[p.tokenizer_donor].directory, out, template, built, added)
+    if writes_tokenizer(p, copy_tokenizer):
+        template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
+        built = p.vocab.tokenizer if p.vocab else None
+        added = p.vocab.added if p.vocab else []
+        write_tokenizer(p.models[p.tokenizer_donor].directory, out, template, built, added)
     (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
+    if write_card:
+        (out / "README.md").write_text(_card(p), encoding="utf-8")
+
+
+def _card(p: Plan) -> str:
     inputs = [_resolved(ref, m.directory, m.adapter) for ref, m in p.models.items()]
     sections = [("Resolved inputs", "\n".join(f"- {i}" for i in inputs))]
     if p.moe is not None:
         from merge.moe.card import moe_sections
 
         sections = moe_sections(p.moe, p.donor, p.moe.report) + sections
-    card = model_card(
+    return model_card(
         recipe_text=p.recipe.text,
         method_name=p.method.name,
         method_paper=p.method.paper,
@@ -159,7 +202,6 @@ def write_extras(p: Plan, out: Path) -> None:
         title="Mixture of experts" if p.moe is not None else None,
         local_models=[ref for ref, m in p.models.items() if _revision(m.directory) is None],
     )
-    (out / "README.md").write_text(card, encoding="utf-8")
 
 
 def _gates(
@@ -195,21 +237,44 @@ def run(
     threads: int | None = None,
     max_memory: str | int | None = None,
     device: str = "cpu",
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
+    allow_crimes: bool = False,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Merge: plan, check the output location, stream every tensor, then finalize atomically.
     ``warn`` gets each warning, ``info`` each line of an MoE's routing report. ``threads``
     (default: every available core), ``max_memory`` (default: half the available RAM) and
-    ``device`` (``cpu`` or ``cuda``) change speed and memory, never the output."""
-    resources = Resources.resolve(threads, max_memory, device)
+    ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``) change speed and memory, never the
+    output. ``copy_tokenizer`` and ``write_card`` false leave out the tokenizer files (unless a
+    recipe tokenizer setting built them) and README.md; ``allow_crimes`` merges models of
+    different architectures; ``trust_remote_code`` lets transformers run the models' code;
+    ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE`` etc.)."""
+    resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
-    with planned(rec, seed=seed, shard_size=shard_size) as p:
+    with planned(
+        rec,
+        seed=seed,
+        shard_size=shard_size,
+        allow_crimes=allow_crimes,
+        trust_remote_code=trust_remote_code,
+        cache_dir=cache_dir,
+    ) as p:
         if warn is not None:
-            for w in [*p.warnings, *memory(p, resources).warnings()]:
+            for w in [*p.warnings, *memory(p, resources).warnings(), *_dropped(p, copy_tokenizer)]:
                 warn(w)
         _check_output(p, target, overwrite)
         computed = _gates(p, progress, warn, info)
         with AtomicOutput(target, overwrite) as tmp:
             execute(p, tmp, progress=progress, computed=computed, resources=resources)
-            write_extras(p, tmp)
+            write_extras(p, tmp, copy_tokenizer=copy_tokenizer, write_card=write_card)
     return target
+
+
+def _dropped(p: Plan, copy_tokenizer: bool) -> list[str]:
+    """The warning for a chat template that no tokenizer file will carry."""
+    if p.recipe.chat_template is None or writes_tokenizer(p, copy_tokenizer):
+        return []
+    return ["chat_template is set but --no-copy-tokenizer writes no tokenizer; it is not saved"]

@@ -1,7 +1,9 @@
 """The ``merge`` command: parse options, call one library function, print.
 
 User errors (``MergeError``) print one line per problem to stderr and exit 2, with no
-traceback (``MERGE_DEBUG=1`` shows it). Data goes to stdout; progress and warnings to stderr.
+traceback (``MERGE_DEBUG=1`` shows it). Data goes to stdout; progress, notices and warnings
+(third-party ones included, ``merge.capture``) to stderr, and ``--quiet`` leaves errors only.
+The options are declared in ``merge.options``, mergekit's among them.
 """
 
 from __future__ import annotations
@@ -19,49 +21,16 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from merge import __version__
+from merge import options as opt
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    add_help_option=False,
     help="Build new LLM checkpoints out of existing ones from a YAML recipe.",
 )
 
 T = TypeVar("T")
-
-RecipeArg = Annotated[
-    Path, typer.Argument(help="The recipe (mergekit syntax).", show_default=False)
-]
-SeedOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--seed",
-        help="Seed for random methods (default: the recipe's seed, else a fixed one).",
-        show_default=False,
-    ),
-]
-ShardOpt = Annotated[
-    str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        help="Tensors merged at once (default: the cores available). Never changes the output.",
-        show_default=False,
-    ),
-]
-MemoryOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--max-memory",
-        help="Budget for tensor data in flight, e.g. 8GB (default: half the available RAM).",
-        show_default=False,
-    ),
-]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="Where the method math runs: cpu, cuda or cuda:N.")
-]
 
 
 def _fail(problems: list[str]) -> None:
@@ -70,27 +39,37 @@ def _fail(problems: list[str]) -> None:
     raise typer.Exit(2)
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn user errors into one-line messages and exit code 2."""
+def _show_warning(text: str) -> None:
+    typer.echo(f"warning: {text}", err=True)
+
+
+def _guard(fn: Callable[[], T], quiet: bool = False, notes: list[str] | None = None) -> T:
+    """Run ``fn``; turn user errors into one-line messages and exit code 2. The notices of
+    no-op options come first; third-party warnings and log records inside are shown once each
+    (``merge.capture``); ``quiet`` silences both."""
+    from merge.capture import captured
     from merge.errors import MergeError
 
     _imports_done()
-    try:
-        return fn()
-    except MergeError as e:
-        if os.environ.get("MERGE_DEBUG"):
-            raise
-        _fail(e.problems)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+    with captured(None if quiet else _show_warning):
+        for note in [] if quiet else notes or []:
+            typer.echo(f"note: {note}", err=True)
+        try:
+            return fn()
+        except MergeError as e:
+            if os.environ.get("MERGE_DEBUG"):
+                raise
+            _fail(e.problems)
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing was written", err=True)
+            raise typer.Exit(130) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _warn(warnings: list[str], quiet: bool) -> None:
     if not quiet:
         for w in warnings:
-            typer.echo(f"warning: {w}", err=True)
+            _show_warning(w)
 
 
 def _version(value: bool) -> None:
@@ -104,38 +83,62 @@ def _root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+            "--version",
+            metavar="",
+            callback=_version,
+            is_eager=True,
+            help="Show the version and exit.",
         ),
     ] = False,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Build new LLM checkpoints out of existing ones from a YAML recipe."""
 
 
-@app.command()
+@app.command(add_help_option=False)
 def run(
-    recipe: RecipeArg,
-    out: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Output directory (default: ./<recipe stem>-merged).", show_default=False
-        ),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output directory.")
-    ] = False,
-    seed: SeedOpt = None,
-    out_shard_size: ShardOpt = "5GB",
-    threads: ThreadsOpt = None,
-    max_memory: MemoryOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
+    ctx: typer.Context,
+    recipe: opt.RecipeArg,
+    out: opt.OutArg = None,
+    overwrite: opt.OverwriteOpt = False,
+    seed: opt.SeedOpt = None,
+    out_shard_size: opt.ShardOpt = "5GB",
+    threads: opt.ThreadsOpt = None,
+    max_memory: opt.MemoryOpt = None,
+    device: opt.DeviceOpt = None,
+    cuda: opt.CudaOpt = False,
+    gpu_rich: opt.GpuRichOpt = False,
+    copy_tokenizer: opt.CopyTokenizerOpt = True,
+    write_model_card: opt.WriteCardOpt = True,
+    allow_crimes: opt.AllowCrimesOpt = False,
+    trust_remote_code: opt.TrustRemoteCodeOpt = False,
+    transformers_cache: opt.CacheOpt = None,
+    quiet: opt.QuietOpt = False,
+    # mergekit's options with no effect: each given one leaves its notice (opt.notices)
+    lazy_unpickle: opt.LazyUnpickle = None,
+    low_cpu_memory: opt.LowCpuMemory = None,
+    read_to_gpu: opt.ReadToGpu = None,
+    multi_gpu: opt.MultiGpu = None,
+    lora_merge_cache: opt.LoraMergeCache = None,
+    lora_merge_dtype: opt.LoraMergeDtype = None,
+    clone_tensors: opt.CloneTensors = None,
+    safe_serialization: opt.SafeSerialization = None,
+    async_write: opt.AsyncWrite = None,
+    write_threads: opt.WriteThreads = None,
+    load_in_4bit: opt.LoadIn4bit = None,
+    load_in_8bit: opt.LoadIn8bit = None,
+    not_useful: opt.NotUseful = None,
+    verbose: opt.Verbose = 0,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Merge the models of RECIPE into OUT."""
     from merge import api
     from merge.execute import Resources
+    from merge.settings import device_name
 
     def go() -> Path:
-        Resources.resolve(threads, max_memory, device)  # bad options before recipe problems
+        dev = device_name(device, cuda, gpu_rich)
+        Resources.resolve(threads, max_memory, dev)  # bad options before recipe problems
         rec = api.load_recipe(recipe)
         return api.run(
             rec,
@@ -144,45 +147,66 @@ def run(
             seed=seed,
             shard_size=out_shard_size,
             progress=not quiet,
-            warn=None if quiet else lambda w: _warn([w], quiet),
+            warn=None if quiet else _show_warning,
             info=None if quiet else lambda line: typer.echo(line, err=True),
             threads=threads,
             max_memory=max_memory,
-            device=device,
+            device=dev,
+            copy_tokenizer=copy_tokenizer,
+            write_card=write_model_card,
+            allow_crimes=allow_crimes,
+            trust_remote_code=trust_remote_code,
+            cache_dir=transformers_cache,
         )
 
     start = time.perf_counter()
-    target = _guard(go)
+    target = _guard(go, quiet, opt.notices(ctx))
     if not quiet:
         typer.echo(f"wrote {target} in {time.perf_counter() - start:.2f} s", err=True)
 
 
-@app.command()
-def validate(recipe: RecipeArg, quiet: QuietOpt = False) -> None:
+@app.command(add_help_option=False)
+def validate(
+    recipe: opt.RecipeArg,
+    allow_crimes: opt.AllowCrimesOpt = False,
+    trust_remote_code: opt.TrustRemoteCodeOpt = False,
+    transformers_cache: opt.CacheOpt = None,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
     """Check RECIPE and its models' headers without reading tensor data."""
     from merge import api
     from merge.report import summary
 
     def go() -> list[str]:
-        p = api.plan(recipe)
+        p = api.plan(
+            recipe,
+            allow_crimes=allow_crimes,
+            trust_remote_code=trust_remote_code,
+            cache_dir=transformers_cache,
+        )
         _warn(p.warnings, quiet)
         return summary(p)
 
-    lines = _guard(go)
+    lines = _guard(go, quiet)
     typer.echo(f"{recipe}: ok")
     for line in lines[1:]:
         typer.echo(f"  {line}")
 
 
-@app.command()
+@app.command(add_help_option=False)
 def plan(
-    recipe: RecipeArg,
-    seed: SeedOpt = None,
-    out_shard_size: ShardOpt = "5GB",
-    threads: ThreadsOpt = None,
-    max_memory: MemoryOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
-    quiet: QuietOpt = False,
+    recipe: opt.RecipeArg,
+    seed: opt.SeedOpt = None,
+    out_shard_size: opt.ShardOpt = "5GB",
+    threads: opt.ThreadsOpt = None,
+    max_memory: opt.MemoryOpt = None,
+    allow_crimes: opt.AllowCrimesOpt = False,
+    trust_remote_code: opt.TrustRemoteCodeOpt = False,
+    transformers_cache: opt.CacheOpt = None,
+    as_json: opt.JsonOpt = False,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
 ) -> None:
     """Print every output tensor of RECIPE with its sources, method and parameters, and the
     expected peak memory under the budget."""
@@ -192,22 +216,32 @@ def plan(
 
     def go() -> Any:
         resources = Resources.resolve(threads, max_memory)
-        p = api.plan(recipe, seed=seed, shard_size=out_shard_size)
+        p = api.plan(
+            recipe,
+            seed=seed,
+            shard_size=out_shard_size,
+            allow_crimes=allow_crimes,
+            trust_remote_code=trust_remote_code,
+            cache_dir=transformers_cache,
+        )
         mem = api.memory(p, resources)
         _warn([*p.warnings, *mem.warnings()], quiet)
         if as_json:
             return json.dumps({**plan_json(p), "memory": mem.as_json()}, indent=2)
         return plan_text(p) + "\n" + mem.line()
 
-    typer.echo(_guard(go))
+    typer.echo(_guard(go, quiet))
 
 
-@app.command()
+@app.command(add_help_option=False)
 def methods(
     name: Annotated[
         str | None,
-        typer.Argument(help="Show only this method, with each parameter's meaning."),
+        typer.Argument(
+            metavar="NAME", help="Show only this method, with each parameter's meaning."
+        ),
     ] = None,
+    help: opt.HelpOpt = False,
 ) -> None:
     """List the merge methods with their parameters (scope, type, default, range) and papers."""
     from merge.methods import UnknownMethodError, get_method

@@ -26,6 +26,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from merge.settings import remote_code
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -112,14 +114,16 @@ def has_tokenizer(directory: Path) -> bool:
 def read_tokenizer(directory: Path) -> Tokenizer:
     """A model's tokenizer as a fast ``tokenizers.Tokenizer``; ValueError (one line) if it
     cannot be read. ``tokenizer.json`` is parsed directly; other formats go through
-    transformers' conversion (local files only)."""
+    transformers' conversion (local files only; ``--trust-remote-code`` lets it run the
+    folder's tokenizer code)."""
     path = directory / "tokenizer.json"
     try:
         if path.is_file():
             return Tokenizer.from_file(str(path))
         from transformers import AutoTokenizer
 
-        backend = getattr(AutoTokenizer.from_pretrained(directory), "backend_tokenizer", None)
+        loaded = AutoTokenizer.from_pretrained(directory, trust_remote_code=remote_code())
+        backend = getattr(loaded, "backend_tokenizer", None)
     except Exception as e:  # a corrupt file or a format transformers cannot convert
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(first) from None

@@ -156,23 +156,36 @@ def shard_filename(index: int, count: int) -> str:
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1}
+# mergekit's sizes: K, M, B (billion: its default shard size is 5B) and T, decimal; G too.
+_UNITS = {"": 1, "b": 10**9}
 for _i, _p in enumerate("kmgt", start=1):
     _UNITS.update({f"{_p}": 10 ** (3 * _i), f"{_p}b": 10 ** (3 * _i), f"{_p}ib": 2 ** (10 * _i)})
+UNITS_HELP = (
+    "units (any case): K or KB = 10^3 bytes, M or MB = 10^6, B, G or GB = 10^9 (mergekit's 5B), "
+    "T or TB = 10^12; KiB, MiB, GiB, TiB = 2^10, 2^20, 2^30, 2^40; no unit = bytes"
+)
+MIN_SHARD_BYTES = 10**6
 
 
-def parse_size(text: str | int, what: str = "shard size") -> int:
-    """Parse a byte size: ``5GB`` (10**9), ``2GiB`` (2**30), ``500MB``, ``1.5GB``, ``123``."""
+def parse_size(text: str | int, what: str = "size", minimum: int = 1) -> int:
+    """A byte size, case-insensitive: ``5B`` or ``5GB`` (5 * 10**9, as mergekit's ``5B``),
+    ``500M``/``500MB``, ``2GiB`` (2 * 2**30), ``1.5GB``, ``123`` (bytes). ValueError (one
+    line, starting with ``what``) for anything else or a size under ``minimum`` bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
         match = _SIZE_RE.match(str(text))
         unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(f"{what} must be a size like 5GB or 500MB, got {str(text)!r}")
-        value = round(float(match.group(1)) * _UNITS[unit])
+        value = round(float(match.group(1)) * _UNITS[unit]) if match and unit in _UNITS else 0
     if value <= 0:
-        raise ValueError(f"{what} must be a size like 5GB or 500MB, got {str(text)!r}")
+        raise ValueError(
+            f"{what} must be a size like 5GB or 500MB, got {str(text)!r}; {UNITS_HELP}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{what} {str(text).strip()} means {value:,} bytes; it must be at least {minimum:,} "
+            f"bytes; {UNITS_HELP}"
+        )
     return value
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from typer.testing import CliRunner
 
 from merge.cli import app
 from merge.methods import METHODS
@@ -15,6 +18,7 @@ from merge.recipe.schema import ModelEntry, ModuleEntry, RecipeSchema, Slice, Sl
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+WIDE = {"COLUMNS": "240"}  # no option name cut short in --help
 
 
 def test_method_table_is_generated_from_the_registry() -> None:
@@ -25,7 +29,8 @@ def test_method_table_is_generated_from_the_registry() -> None:
 
 def test_generator_check_mode_detects_drift(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "gen_readme_methods.py"
-    ok = subprocess.run([sys.executable, str(script), "--check"], capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's merge, not an installed one
+    ok = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, env=env)
     assert ok.returncode == 0, ok.stdout
     from merge.methods.docs import replace_table
 
@@ -34,13 +39,25 @@ def test_generator_check_mode_detects_drift(tmp_path: Path) -> None:
 
 
 def test_every_command_is_documented() -> None:
+    """Each command's usage line in the README is the one its --help prints."""
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]  # type: ignore[union-attr]
     assert sorted(commands) == ["methods", "plan", "run", "validate"]
+    runner = CliRunner()
     for name in commands:
-        usage = "[NAME]" if name == "methods" else "RECIPE"
-        assert f"`merge {name} {usage}" in README, name
+        text = runner.invoke(app, [name, "--help"], prog_name="merge", env=WIDE).stdout
+        usage = re.search(r"Usage: (.*?)\s*$", text, re.M)
+        assert usage is not None and f"| `{usage.group(1)}` |" in README, name
     for option in ("--overwrite", "--seed", "--out-shard-size", "--quiet", "--json", "--version"):
         assert option in README, option
+
+
+def test_every_option_is_documented() -> None:
+    """Every option name that ``merge run --help`` lists appears in the README."""
+    text = CliRunner().invoke(app, ["run", "--help"], prog_name="merge", env=WIDE).stdout
+    names = set(re.findall(r"(?<=[\s,│])(--?[a-z][\w-]*)", text)) - {"--help"}
+    assert len(names) > 40
+    missing = sorted(n for n in names if not re.search(rf"[`/]{re.escape(n)}[ `/,=]", README))
+    assert not missing, missing
 
 
 def test_every_recipe_key_is_documented() -> None:

@@ -14,7 +14,15 @@ from safetensors.torch import load_file, save_file
 
 from merge.errors import OutputError
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
-from merge.writer import INDEX_NAME, ShardWriter, TensorSpec, parse_size, plan_shards
+from merge.writer import (
+    INDEX_NAME,
+    MIN_SHARD_BYTES,
+    UNITS_HELP,
+    ShardWriter,
+    TensorSpec,
+    parse_size,
+    plan_shards,
+)
 
 
 def spec(name: str, *shape: int, dtype: torch.dtype = torch.float32) -> TensorSpec:
@@ -101,17 +109,32 @@ def test_plan_rejects_bad_input() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("5GB", 5 * 10**9),
-        ("500MB", 500 * 10**6),
-        ("1.5GB", 1_500_000_000),
-        ("2GiB", 2 * 2**30),
+        # mergekit's letters: K, M, B (billion, its default shard size is 5B), T; and G
+        ("5K", 5 * 10**3),
+        ("5M", 5 * 10**6),
+        ("5B", 5 * 10**9),
+        ("5G", 5 * 10**9),
+        ("5T", 5 * 10**12),
+        # decimal
         ("100KB", 100_000),
-        ("100kb", 100_000),
-        ("3MiB", 3 * 2**20),
+        ("500MB", 500 * 10**6),
+        ("5GB", 5 * 10**9),
         ("1TB", 10**12),
-        ("123", 123),
-        ("64B", 64),
+        # binary
+        ("3KiB", 3 * 2**10),
+        ("3MiB", 3 * 2**20),
+        ("2GiB", 2 * 2**30),
+        ("1TiB", 2**40),
+        # any case, decimals, spaces, bare byte counts
+        ("5b", 5 * 10**9),
+        ("100kb", 100_000),
+        ("2gib", 2 * 2**30),
+        ("2GIB", 2 * 2**30),
+        ("1.5GB", 1_500_000_000),
+        ("1.5B", 1_500_000_000),
+        (".5MB", 500_000),
         (" 5 GB ", 5 * 10**9),
+        ("123", 123),
         (4096, 4096),
     ],
 )
@@ -119,10 +142,29 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "x", "5XB", "GB", "-5GB", "0", "0GB", "5 G B", "1e9", 0, -3])
+@pytest.mark.parametrize(
+    "text", ["", "x", "5XB", "GB", "-5GB", "0", "0GB", "5 G B", "1e9", "5KIBB", "5Gi", 0, -3]
+)
 def test_parse_size_errors(text: str | int) -> None:
-    with pytest.raises(ValueError, match=r"must be a size like 5GB or 500MB, got '"):
-        parse_size(text)
+    with pytest.raises(ValueError) as info:
+        parse_size(text, "--max-memory")
+    assert str(info.value) == (
+        f"--max-memory must be a size like 5GB or 500MB, got {str(text)!r}; {UNITS_HELP}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"), [("1K", "1,000"), ("999KB", "999,000"), ("512KiB", "524,288"), ("64", "64")]
+)
+def test_parse_size_minimum_names_the_bytes_and_the_units(text: str, nbytes: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_size(text, "--out-shard-size", minimum=MIN_SHARD_BYTES)
+    assert str(info.value) == (
+        f"--out-shard-size {text} means {nbytes} bytes; it must be at least 1,000,000 bytes; "
+        + UNITS_HELP
+    )
+    assert "K or KB = 10^3 bytes" in UNITS_HELP and "KiB, MiB, GiB, TiB" in UNITS_HELP
+    assert parse_size("1MB", minimum=MIN_SHARD_BYTES) == parse_size("1M") == MIN_SHARD_BYTES
 
 
 # --------------------------------------------------------------------------- writing

@@ -22,8 +22,11 @@ For each layer l and prompt, the layer's *input* (``hidden_states[l]`` of a full
 ``output_hidden_states``) is pooled: the last real token, or (``hidden_avg``) the mean over the
 real tokens only; padding never enters (``torch.where``, since padded rows may hold NaN).
 
+transformers loads the tokenizer, config and model class with ``trust_remote_code`` as
+``--trust-remote-code`` says (``merge.settings.remote_code``).
+
 What this module does not do: the final norm or the LM head (never needed), KV caches,
-quantised or remote-code models, GPUs (it runs in float32 on the CPU), or chunking a batch too
+quantised models, GPUs (it runs in float32 on the CPU), or chunking a batch too
 large for memory (prompts are short).
 """
 
@@ -40,14 +43,19 @@ from torch import nn
 from tqdm import tqdm
 
 from merge.errors import PlanError
+from merge.settings import remote_code
+
+
+def _tokenizer(base_dir: Path) -> Any:
+    return _cached_tokenizer(base_dir, remote_code())
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(base_dir: Path) -> Any:
+def _cached_tokenizer(base_dir: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(base_dir)
+        return AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise PlanError(
             f"base model folder {base_dir}: no usable tokenizer, which the router needs to "
@@ -142,11 +150,13 @@ def skeleton(base_dir: Path) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(base_dir)
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=remote_code())
     except (OSError, ValueError, KeyError) as e:
         raise PlanError(f"base model folder {base_dir}: cannot read config.json: {e}") from e
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=remote_code()
+        )
     return model.eval()
 
 
@@ -194,13 +204,14 @@ def _attention_masks(
         create_sliding_window_causal_mask,
     )
 
+    params = inspect.signature(create_causal_mask).parameters
+    cache = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
     kwargs: dict[str, Any] = {
         "config": config,
         "attention_mask": mask,
-        "past_key_values": None,
+        cache: None,
         "position_ids": pos,
     }
-    params = inspect.signature(create_causal_mask).parameters
     if "inputs_embeds" in params:  # transformers >= 5.9
         kwargs["inputs_embeds"] = hidden
     else:  # 4.53 to 5.8: the older name, and cache positions are required
@@ -240,7 +251,6 @@ def _run_layer(
         attention_mask=mask,
         position_ids=pos,
         position_embeddings=rotary,
-        past_key_values=None,
-        use_cache=False,
+        use_cache=False,  # the cache argument (past_key_values, cache from 5.24) defaults to None
     )
     return out[0] if isinstance(out, tuple) else out
