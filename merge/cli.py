@@ -208,8 +208,9 @@ def plan(
     quiet: opt.QuietOpt = False,
     help: opt.HelpOpt = False,
 ) -> None:
-    """Print every output tensor of RECIPE with its sources, method and parameters, and the
-    expected peak memory under the budget."""
+    """Print every output tensor of RECIPE: sources, method, parameters; and the peak memory.
+
+    The expected peak memory is that of the run under the budget (--threads, --max-memory)."""
     from merge import api
     from merge.execute import Resources
     from merge.report import plan_json, plan_text
