@@ -32,6 +32,7 @@ RECIPES = [
     *sorted(COMPAT.glob("*.yaml")),
 ]
 runner = CliRunner()
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft, making the adapters
 
 
 @pytest.fixture(scope="session")
