@@ -4,7 +4,7 @@
 input; ``slices_jobs`` stacks layer ranges of one module: output layers are renumbered
 consecutively within the module, its embeddings (tensors before the layers) come from the
 first slice and its other tensors outside the layers (final norm, lm_head) from the last
-(../shared/METHODS.md, Frankenmerges). Layer indices, gradients and ranges count the
+(the design notes' METHODS.md, Frankenmerges). Layer indices, gradients and ranges count the
 module's own layers (``merge.modules``); a text-only model is one module, ``text_decoder``.
 Every problem is appended to ``Ctx.problems``; nothing is raised here.
 """

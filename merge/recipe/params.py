@@ -3,7 +3,7 @@
 A value in a recipe is a scalar (``0.5``), a gradient (``[0, 0.5, 1]``, interpolated over the
 layers) or a list of filters (``[{filter: self_attn, value: ...}, {value: ...}]``: the first
 entry whose filter is a substring of the tensor name wins; no filter, or ``"*"``, matches all).
-Semantics follow ../shared/METHODS.md: for layer ``l`` of ``L``, ``t = l/(L-1)``,
+Semantics follow the design notes (METHODS.md): for layer ``l`` of ``L``, ``t = l/(L-1)``,
 ``s = t*(n-1)``, linear interpolation between entries ``floor(s)`` and ``ceil(s)``; tensors
 outside the layers take the first entry.
 
