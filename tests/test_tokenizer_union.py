@@ -1,15 +1,7 @@
 """Tokenizer merging: union vocabularies, token overrides, padding and embedding permutation.
 
 Three tiny Llama models share the quick start tokenizer (512 tokens) plus their own added
-tokens, with embeddings enlarged to match:
-
-=====  =====  ======================================================================
-model  rows   added tokens (ids from 512)
-=====  =====  ======================================================================
-A      513    ``<|tool|>`` (special)
-B      515    ``<|im_start|>``, ``<|im_end|>`` (special), ``hello_world`` (normal)
-C      514    ``<|im_end|>``, ``<|tool|>`` (special)
-=====  =====  ======================================================================
+tokens, with embeddings enlarged to match (``vocab_models.EXTRAS``: the table is there).
 
 Expected embedding and lm_head rows are computed here, plainly, token by token from each
 model's own tokenizer file, with the fill rule written out (``fill_row``).

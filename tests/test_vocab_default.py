@@ -3,15 +3,8 @@
 The output takes the base's tokenizer (else the first model's); every model's embedding and
 lm_head rows are moved to it by token, with the fill rule for tokens a model lacks; one
 warning names the sizes and the tokens filled and dropped. The expected rows are computed here
-token by token (``vocab_models.aligned_rows``), independently of ``merge.vocab``.
-
-=====  =====  ======================================================================
-model  rows   added tokens (ids from 512)
-=====  =====  ======================================================================
-A      513    ``<|tool|>`` (special)
-B      515    ``<|im_start|>``, ``<|im_end|>`` (special), ``hello_world`` (normal)
-C      514    ``<|im_end|>``, ``<|tool|>`` (special)
-=====  =====  ======================================================================
+token by token (``vocab_models.aligned_rows``), independently of ``merge.vocab``. The models
+A, B and C are ``vocab_models.EXTRAS``'s (its docstring has the table).
 """
 
 from __future__ import annotations

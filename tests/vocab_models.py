@@ -2,7 +2,15 @@
 
 Shared by the tokenizer tests: ``make_vocab_model`` writes a tiny Llama whose tokenizer has
 extra tokens (ids from 512) and whose embeddings match; ``fill_row`` and ``aligned_rows``
-write the fill rule out token by token, independently of ``merge.vocab``.
+write the fill rule out token by token, independently of ``merge.vocab``. ``EXTRAS``:
+
+=====  =====  ======================================================================
+model  rows   added tokens (ids from 512)
+=====  =====  ======================================================================
+A      513    ``<|tool|>`` (special)
+B      515    ``<|im_start|>``, ``<|im_end|>`` (special), ``hello_world`` (normal)
+C      514    ``<|im_end|>``, ``<|tool|>`` (special)
+=====  =====  ======================================================================
 """
 
 from __future__ import annotations
