@@ -138,9 +138,10 @@ def _random_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def _fine_tune(source: Path, seed: int, noise: float) -> PreTrainedModel:
-    """``source``'s weights (read as float32) plus ``noise * randn``, seeded by ``seed``."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+def fine_tune(source: Path, seed: int, noise: float, auto: Any = AutoModelForCausalLM) -> Any:
+    """``source``'s weights (read as float32 by the ``auto`` class) plus ``noise * randn``,
+    seeded by ``seed``."""
+    model = auto.from_pretrained(source, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
     # named_parameters() lists a tied weight once, so tied tensors stay tied.
     for _, param in sorted(model.named_parameters()):
@@ -204,7 +205,7 @@ def make_tiny(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if noise_from is not None:
-        model = _fine_tune(Path(noise_from), seed, noise)
+        model = fine_tune(Path(noise_from), seed, noise)
     else:
         config = tiny_config(arch, layers=layers, hidden=hidden, vocab=vocab, tie=tie)
         model = _random_model(config, seed)

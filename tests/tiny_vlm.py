@@ -33,7 +33,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from tiny import copy_tokenizer, special_token_ids
+from tiny import copy_tokenizer, fine_tune, special_token_ids
 
 Kind = Literal["llava", "qwen2_vl"]
 IMAGE_TOKENS = {
@@ -101,15 +101,6 @@ def _model(kind: Kind, seed: int) -> PreTrainedModel:
         return cls(_config(kind)).eval()
 
 
-@torch.no_grad()
-def _fine_tune(source: Path, seed: int, noise: float) -> PreTrainedModel:
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        param.add_(torch.randn(param.shape, generator=gen) * noise)
-    return model
-
-
 def make_tiny_vlm(
     directory: str | Path,
     kind: Kind = "llava",
@@ -122,7 +113,7 @@ def make_tiny_vlm(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if noise_from is not None:
-        model = _fine_tune(Path(noise_from), seed, noise)
+        model = fine_tune(Path(noise_from), seed, noise, AutoModelForImageTextToText)
         kind = "llava" if model.config.model_type == "llava" else "qwen2_vl"
     else:
         model = _model(kind, seed)
