@@ -76,6 +76,17 @@ class TensorJob:
         return n
 
 
+@dataclass(frozen=True)
+class ModulePlan:
+    """One module of the output (``merge.modules``): its tensors and layers, and whether whole
+    models or slices make it."""
+
+    name: str
+    tensors: int
+    layers: int
+    made_of: str  # "models" or "slices"
+
+
 @dataclass
 class Plan:
     """Everything a run needs, decided before any tensor data is read."""
@@ -94,6 +105,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     vocab: VocabPlan | None = None
     moe: MoeLayout | None = None
+    modules: list[ModulePlan] = field(default_factory=list)
 
 
 def stored_dtype(checkpoint: Any) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from merge import architecture as arch
 from merge import modules as mods
 from merge.errors import PlanError
-from merge.jobs import DEFAULT_SEED, DTYPES, Plan, TensorJob, stored_dtype
+from merge.jobs import DEFAULT_SEED, DTYPES, ModulePlan, Plan, TensorJob, stored_dtype
 from merge.memory import peak_memory
 from merge.planjobs import Ctx, models_jobs, slices_jobs
 from merge.recipe import Recipe
@@ -99,17 +99,23 @@ def _reference(recipe: Recipe, part: Part, donor: str) -> str:
     return (part.models or ())[0].model
 
 
-def _jobs(ctx: Ctx, donor: str) -> tuple[list[TensorJob], dict[str, list[int]]]:
-    """Every job, module by module, and the layer maps of the modules built from slices."""
+def _jobs(ctx: Ctx, donor: str) -> tuple[list[TensorJob], dict[str, list[int]], list[ModulePlan]]:
+    """Every job, module by module; the layer maps of the modules built from slices; and
+    each module's summary."""
     jobs: list[TensorJob] = []
     layer_maps: dict[str, list[int]] = {}
+    summaries = []
     for part, module in _targets(ctx, donor):
         if part.models is not None:
-            jobs.extend(models_jobs(ctx, part, module, _reference(ctx.recipe, part, donor)))
+            found = models_jobs(ctx, part, module, _reference(ctx.recipe, part, donor))
+            layers = ctx.module(_reference(ctx.recipe, part, donor), module).num_layers
         else:
             found, layer_maps[module] = slices_jobs(ctx, part, module)
-            jobs.extend(found)
-    return jobs, layer_maps
+            layers = len(layer_maps[module])
+        jobs.extend(found)
+        made_of = "models" if part.models is not None else "slices"
+        summaries.append(ModulePlan(module, len(found), layers, made_of))
+    return jobs, layer_maps, summaries
 
 
 def _config_donor(recipe: Recipe) -> str:
@@ -150,7 +156,7 @@ def make_plan(
     if ctx.tokenizer_setting or implicit:  # implicit: as tokenizer_source: base (merge.vocab)
         ctx.tokenizer_setting = True
         ctx.vocab = build_vocab(recipe, models, tok_donor, ctx.problems, implicit=implicit)
-    jobs, layer_maps = _jobs(ctx, donor)
+    jobs, layer_maps, modules = _jobs(ctx, donor)
     if ctx.problems:
         problems = list(dict.fromkeys(ctx.problems))
         if len(problems) > MAX_LISTED:
@@ -188,6 +194,7 @@ def make_plan(
             *_unused_tensors(recipe, models, jobs, donor),
         ],
         ctx.vocab,
+        modules=modules if len(modules) > 1 or recipe.modules is not None else [],
     )
 
 

@@ -52,6 +52,14 @@ def summary(p: Plan) -> list[str]:
     ]
     if p.vocab is not None:
         lines.append(vocab_line(p))
+    if p.modules:
+        lines.append(
+            "modules: "
+            + ", ".join(
+                f"{m.name} ({m.layers} layers, {m.tensors} tensors, from {m.made_of})"
+                for m in p.modules
+            )
+        )
     if p.moe is not None:
         lines.append(moe_line(p))
     trimmed = global_jobs(p.jobs)
@@ -172,6 +180,10 @@ def plan_json(p: Plan) -> dict[str, Any]:
         ],
         "vocab": _vocab_json(p),
         "moe": _moe_json(p),
+        "modules": [
+            {"name": m.name, "layers": m.layers, "tensors": m.tensors, "made_of": m.made_of}
+            for m in p.modules
+        ],
     }
 
 

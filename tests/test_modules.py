@@ -120,6 +120,12 @@ def test_qwen2vl_frankenmerge_of_text_and_vision_layers(
             "multi_modal_projector": {"models": [{"model": f}]},
         },
     }
+    result = runner.invoke(app, ["validate", str(write(tmp_path, recipe, "v.yaml"))])
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "  modules: text_decoder (3 layers, 39 tensors, from slices), vision_tower (4 layers, "
+        "49 tensors, from slices), multi_modal_projector (0 layers, 6 tensors, from models)"
+    ) in result.stdout.splitlines()
     out = run(tmp_path, recipe)
     base, ft, merged = load_state(qwen2vl_base), load_state(qwen2vl_ft), load_state(out)
     config = json.loads((out / "config.json").read_text())
