@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from merge import __version__
 from merge.card import model_card
-from merge.crimes import check_architectures
 from merge.errors import OutputError
 from merge.execute import Resources, execute
 from merge.jobs import Plan
@@ -80,10 +79,9 @@ def planned(
 
                 yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
             else:
-                crimes = check_architectures(rec, models, allow_crimes)
-                p = make_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
-                p.warnings[:0] = crimes
-                yield p
+                yield make_plan(
+                    rec, models, seed=seed, shard_bytes=shard_bytes, allow_crimes=allow_crimes
+                )
         finally:
             close_models(models)
 

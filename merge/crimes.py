@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from merge.errors import PlanError
-
 if TYPE_CHECKING:  # pragma: no cover
     from merge.recipe import Recipe
     from merge.sourceset import Model
@@ -52,17 +50,20 @@ def mixed_architectures(recipe: Recipe, models: Mapping[str, Model]) -> str | No
     )
 
 
-def check_architectures(recipe: Recipe, models: Mapping[str, Model], allow: bool) -> list[str]:
-    """The warnings (empty, or one when ``allow``); PlanError when the models mix
-    architectures and ``allow`` is false."""
+def check_architectures(
+    recipe: Recipe, models: Mapping[str, Model], allow: bool, problems: list[str]
+) -> list[str]:
+    """The warnings (empty, or one when ``allow``); when the models mix architectures and
+    ``allow`` is false, the problem goes to ``problems`` with the plan's others."""
     mixed = mixed_architectures(recipe, models)
     if mixed is None:
         return []
     if not allow:
-        raise PlanError(
+        problems.append(
             f"{recipe.file}: the models have different architectures: {mixed}; pass "
             "--allow-crimes to merge them anyway"
         )
+        return []
     return [f"the models have different architectures: {mixed}; merging anyway (--allow-crimes)"]
 
 

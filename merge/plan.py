@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from merge import architecture as arch
 from merge import modules as mods
+from merge.crimes import check_architectures
 from merge.errors import PlanError
 from merge.jobs import DEFAULT_SEED, DTYPES, ModulePlan, Plan, TensorJob, stored_dtype
 from merge.memory import peak_memory
@@ -147,9 +148,12 @@ def make_plan(
     *,
     seed: int | None = None,
     shard_bytes: int = 5 * 10**9,
+    allow_crimes: bool = False,
 ) -> Plan:
-    """Build and check the whole plan; raise PlanError listing every problem."""
+    """Build and check the whole plan; raise PlanError listing every problem (models of
+    different architectures among them, unless ``allow_crimes``: then a warning)."""
     ctx = Ctx(recipe, models, tokenizer_setting=has_setting(recipe))
+    crimes = check_architectures(recipe, models, allow_crimes, ctx.problems)
     donor = _config_donor(recipe)
     tok_donor = _tokenizer_donor(recipe, donor)
     implicit = not ctx.tokenizer_setting and sizes_differ(models)
@@ -189,6 +193,7 @@ def make_plan(
         chosen,
         peak_memory(jobs, models, recipe.method),
         [
+            *crimes,
             *recipe.warnings,
             *(ctx.vocab.warnings if ctx.vocab else ()),
             *_unused_tensors(recipe, models, jobs, donor),

@@ -283,6 +283,24 @@ def test_mixed_architectures_need_allow_crimes(
     assert code == 0 and stderr == ""
 
 
+def test_mixed_architectures_are_reported_with_the_plans_other_problems(
+    tmp_path: Path, llama_base: Path, mistral: Path
+) -> None:
+    recipe = write(
+        tmp_path,
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(llama_base), "layer_range": [0, 8]}]},
+                {"sources": [{"model": str(mistral), "layer_range": [0, 4]}]},
+            ],
+        },
+    )
+    lines = error_lines(tmp_path, "validate", recipe)
+    assert len(lines) == 2 and "different architectures" in lines[0]
+    assert "[0, 8] is out of range" in lines[1]
+
+
 def test_a_tokenizer_source_of_another_architecture_is_no_crime(
     tmp_path: Path, llama_base: Path, llama_ft1: Path, mistral: Path
 ) -> None:
