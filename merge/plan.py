@@ -108,8 +108,9 @@ def _jobs(ctx: Ctx, donor: str) -> tuple[list[TensorJob], dict[str, list[int]], 
     summaries = []
     for part, module in _targets(ctx, donor):
         if part.models is not None:
-            found = models_jobs(ctx, part, module, _reference(ctx.recipe, part, donor))
-            layers = ctx.module(_reference(ctx.recipe, part, donor), module).num_layers
+            ref = _reference(ctx.recipe, part, donor)
+            found = models_jobs(ctx, part, module, ref)
+            layers = ctx.module(ref, module).num_layers
         else:
             found, layer_maps[module] = slices_jobs(ctx, part, module)
             layers = len(layer_maps[module])

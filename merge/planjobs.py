@@ -123,8 +123,11 @@ def _job(
     shape = tuple(info.shape)
     if not info.dtype.is_floating_point:
         return TensorJob(out_name, shape, info.dtype, (ref,), None, {}, layer, copy=True)
-    rows = _rows(ctx, ref.model)
-    vocab = module == mods.TEXT and ctx.vocab is not None and vocab_tensor(out_name, shape, rows)
+    vocab = (
+        module == mods.TEXT
+        and ctx.vocab is not None
+        and vocab_tensor(out_name, shape, _rows(ctx, ref.model))
+    )
     reads: list[Input] = []
     for src, name in [*inputs, *([base] if base else [])]:
         found = ctx.has(src.model, name)
@@ -137,7 +140,7 @@ def _job(
         other = tuple(ctx.models[src.model].checkpoint.tensors[found].shape)
         want = (_rows(ctx, src.model), *shape[1:]) if vocab else shape
         if other != want:
-            vocabs = vocab_tensor(out_name, shape, rows) and vocab_tensor(
+            vocabs = vocab_tensor(out_name, shape, _rows(ctx, ref.model)) and vocab_tensor(
                 out_name, other, _rows(ctx, src.model)
             )
             if not (vocabs and other[1:] == shape[1:]):
