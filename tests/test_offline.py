@@ -20,9 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 from hubserver import HubServer, use_endpoint
-from merge import hub
 from merge.cli import app
 from merge.errors import SourceError
+from merge.hub import download as hub
 from merge.hub import download_model, hub_run
 
 UNREACHABLE = "https://hub.invalid"

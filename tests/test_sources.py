@@ -16,9 +16,9 @@ from huggingface_hub import constants
 from huggingface_hub import errors as hf_errors
 
 from _ckpt_utils import tiny_state_dict, write_safetensors
-from merge import hub
 from merge.checkpoint import Checkpoint
 from merge.errors import SourceError
+from merge.hub import download as hub
 from merge.sources import ModelRef, resolve, resolve_pair
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

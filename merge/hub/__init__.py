@@ -1,0 +1,36 @@
+"""Everything that talks to the Hugging Face Hub, through ``huggingface_hub`` only.
+
+- ``download``: fetch what a merge needs into the HF cache (``download_model``), the per-run
+  reachability probe (``hub_run``), and the mapping of client failures to one-line errors.
+
+Later parts (header-only remote planning, file metadata for locks, publishing) are modules of
+this package too; callers import from ``merge.hub``.
+"""
+
+from __future__ import annotations
+
+from merge.hub.download import (
+    NEEDED_FILES,
+    HubUnreachableError,
+    download_model,
+    hub_cache_dir,
+    hub_endpoint,
+    hub_run,
+    offline_reason,
+    probe_hub,
+    probe_timeout,
+    select_files,
+)
+
+__all__ = [
+    "NEEDED_FILES",
+    "HubUnreachableError",
+    "download_model",
+    "hub_cache_dir",
+    "hub_endpoint",
+    "hub_run",
+    "offline_reason",
+    "probe_hub",
+    "probe_timeout",
+    "select_files",
+]
