@@ -48,8 +48,8 @@ _OFFLINE_ENV = {
 def hf_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """No test can reach the network or the user's Hugging Face cache and token.
 
-    Sets the offline variables and points ``HF_HOME``/``HF_HUB_CACHE`` at a per-session temp
-    folder, for the whole session (session fixtures included). Yields that ``HF_HOME``.
+    Sets the offline variables and points ``HF_HOME``/``HF_HUB_CACHE`` (and the tool's own
+    ``MERGE_CACHE_DIR``) at a per-session temp folder, for the whole session (session fixtures included). Yields that ``HF_HOME``.
     """
     from huggingface_hub import constants
 
@@ -62,6 +62,7 @@ def hf_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "HF_XET_CACHE": home / "xet",
         "HF_TOKEN_PATH": home / "token",
         "HF_STORED_TOKENS_PATH": home / "stored_tokens",
+        "MERGE_CACHE_DIR": home / "mergesmith",  # the hash cache (merge.build.hashing)
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {**_OFFLINE_ENV, **{k: str(v) for k, v in paths.items()}}.items():
