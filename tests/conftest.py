@@ -62,7 +62,8 @@ def hf_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "HF_XET_CACHE": home / "xet",
         "HF_TOKEN_PATH": home / "token",
         "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-        "MERGE_CACHE_DIR": home / "mergesmith",  # the hash cache (merge.build.hashing)
+        # the tool's own caches (merge.build.hashing), outside HF_HOME
+        "MERGE_CACHE_DIR": tmp_path_factory.mktemp("mergesmith"),
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {**_OFFLINE_ENV, **{k: str(v) for k, v in paths.items()}}.items():
