@@ -4,6 +4,13 @@ Each phase raises a ``MergeError`` subclass listing all of its problems. ``run``
 a temporary sibling of the output directory and renames it into place only when everything
 succeeded, so a failed run leaves nothing behind and never touches an existing output.
 
+Hub models whose weights are not in the cache are planned from their safetensors headers,
+read over the network (``merge.hub.remote``): ``validate`` and ``plan`` download only their
+config and tokenizer files. ``run`` makes every check of the plan, the output location's and
+the disk space's included, before it downloads any weight, then downloads them (with progress
+bars), opens the models again from the files and plans again (a plan is cheap), so that
+execution reads real files.
+
 MoE recipes (``merge.moe``) take the same path with their own planner; ``run`` computes their
 router gates after planning and before opening the output, prints the routing report through
 ``info`` and writes it into the model card.
@@ -23,6 +30,7 @@ from merge.build.manifest import InputHashes, make_manifest, write_manifest
 from merge.card import model_card
 from merge.errors import OutputError
 from merge.execute import Resources, execute
+from merge.hub import check_download_space
 from merge.jobs import Plan
 from merge.memory import MemoryPlan, memory_plan
 from merge.moe.recipe import MoeRecipe
@@ -30,7 +38,14 @@ from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.settings import applied, device_name
-from merge.sourceset import close_models, iter_unique_dirs, open_models
+from merge.sourceset import (
+    Model,
+    close_models,
+    iter_unique_dirs,
+    open_models,
+    remote_models,
+    with_weights,
+)
 from merge.tokenizer import resolve_template, write_tokenizer
 from merge.writer import MIN_SHARD_BYTES, parse_size
 
@@ -69,22 +84,47 @@ def planned(
     cache_dir: str | Path | None = None,
 ) -> Iterator[Plan]:
     """Load, resolve and plan a recipe; the models stay open inside the ``with`` block, and
-    the settings (``merge.settings.applied``) hold there too."""
+    the settings (``merge.settings.applied``) hold there too. Hub models whose weights are not
+    in the cache are planned from their headers and cannot be read (``Model.remote`` is set):
+    ``run`` downloads them after the plan passed."""
     shard_bytes = _shard_bytes(shard_size)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir):
-        models = open_models(rec)
+        models = open_models(rec, headers_only=True)
         try:
-            if isinstance(rec, MoeRecipe):
-                from merge.moe.plan import make_moe_plan
-
-                yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
-            else:
-                yield make_plan(
-                    rec, models, seed=seed, shard_bytes=shard_bytes, allow_crimes=allow_crimes
-                )
+            yield _make_plan(rec, models, seed, shard_bytes, allow_crimes)
         finally:
             close_models(models)
+
+
+def _make_plan(
+    rec: Recipe | MoeRecipe,
+    models: dict[str, Model],
+    seed: int | None,
+    shard_bytes: int,
+    allow_crimes: bool,
+) -> Plan:
+    if isinstance(rec, MoeRecipe):
+        from merge.moe.plan import make_moe_plan
+
+        return make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+    return make_plan(rec, models, seed=seed, shard_bytes=shard_bytes, allow_crimes=allow_crimes)
+
+
+@contextmanager
+def _downloaded(
+    p: Plan, again: Callable[[dict[str, Model]], Plan], progress: bool
+) -> Iterator[Plan]:
+    """``p`` when every input is on disk; else the plan ``again`` makes of the models opened
+    from their downloaded weights, which stay open inside the block."""
+    if not remote_models(p.models):
+        yield p
+        return
+    models = with_weights(p.models, progress=progress and sys.stderr.isatty())
+    try:
+        yield again(models)
+    finally:
+        close_models({ref: m for ref, m in models.items() if p.models[ref] is not m})
 
 
 def plan(
@@ -118,12 +158,17 @@ def default_output(recipe_file: Path) -> Path:
 
 
 def _check_output(p: Plan, out: Path, overwrite: bool) -> None:
+    """Where the output goes, and the disk space for it and for the weights to download."""
     problems = check_output_location(out, list(iter_unique_dirs(p.models)))
     if out.exists() and not overwrite:
         problems.append(f"output '{out}' already exists; pass --overwrite to replace it")
-    space = check_disk_space(out, p.shards.total_bytes + 50 * 2**20)
-    if space:
-        problems.append(space)
+    need = p.shards.total_bytes + 50 * 2**20
+    for space in (
+        check_disk_space(out, need),
+        check_download_space(remote_models(p.models), out, need),
+    ):
+        if space:
+            problems.append(space)
     if problems:
         raise OutputError(problems)
 
@@ -244,7 +289,8 @@ def run(
     lock_sha256: str | None = None,
     build_key: str | None = None,
 ) -> Path:
-    """Merge: plan, check the output location, stream every tensor, then finalize atomically.
+    """Merge: plan, check the output location, download the weights of Hub models not in the
+    cache (progress bars with ``progress``), stream every tensor, then finalize atomically.
     ``warn`` gets each warning, ``info`` each line of an MoE's routing report. ``threads``
     (default: every available core), ``max_memory`` (default: half the available RAM) and
     ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``) change speed and memory, never the
@@ -257,6 +303,11 @@ def run(
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
+    shard_bytes = _shard_bytes(shard_size)
+
+    def again(models: dict[str, Model]) -> Plan:
+        return _make_plan(rec, models, seed, shard_bytes, allow_crimes)
+
     with planned(
         rec,
         seed=seed,
@@ -264,28 +315,30 @@ def run(
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
-    ) as p:
+    ) as first:
         if warn is not None:
-            for w in [*p.warnings, *memory(p, resources).warnings(), *_dropped(p, copy_tokenizer)]:
+            mem = memory(first, resources)
+            for w in [*first.warnings, *mem.warnings(), *_dropped(first, copy_tokenizer)]:
                 warn(w)
-        _check_output(p, target, overwrite)
-        computed = _gates(p, progress, warn, info)
-        hashes = InputHashes(p.models)
-        try:
-            with AtomicOutput(target, overwrite) as tmp:
-                execute(p, tmp, progress=progress, computed=computed, resources=resources)
-                write_extras(p, tmp, copy_tokenizer=copy_tokenizer, write_card=write_card)
-                manifest = make_manifest(
-                    tmp,
-                    recipe_text=p.recipe.text,
-                    seed=p.seed,
-                    inputs=hashes.result(),
-                    lock_sha256=lock_sha256,
-                    build_key=build_key,
-                )
-                write_manifest(tmp, manifest)
-        finally:
-            hashes.cancel()
+        _check_output(first, target, overwrite)
+        with _downloaded(first, again, progress) as p:
+            computed = _gates(p, progress, warn, info)
+            hashes = InputHashes(p.models)
+            try:
+                with AtomicOutput(target, overwrite) as tmp:
+                    execute(p, tmp, progress=progress, computed=computed, resources=resources)
+                    write_extras(p, tmp, copy_tokenizer=copy_tokenizer, write_card=write_card)
+                    manifest = make_manifest(
+                        tmp,
+                        recipe_text=p.recipe.text,
+                        seed=p.seed,
+                        inputs=hashes.result(),
+                        lock_sha256=lock_sha256,
+                        build_key=build_key,
+                    )
+                    write_manifest(tmp, manifest)
+            finally:
+                hashes.cancel()
     return target
 
 

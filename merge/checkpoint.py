@@ -12,6 +12,9 @@ the planner needs (names, shapes, dtypes, sizes, which file) is in ``Checkpoint.
 copying, straight from a private memory map of the file (the executor reads tensors chunk by
 chunk through these views, so only page cache backs the inputs).
 
+``Checkpoint.open`` can also be given weight files that are not on disk yet and a reader of
+their headers: ``merge.hub.remote`` plans Hub models so, from headers read over the network.
+
 Every problem found while opening (missing folder, no weights, corrupt or truncated header,
 missing shard, index inconsistent with the shards, bad ``config.json``) is a ``CheckpointError``
 whose lines name the model label and the file.
@@ -28,6 +31,7 @@ import mmap
 import struct
 import threading
 import zipfile
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -109,15 +113,27 @@ def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     data_size = size - 8 - header_len
     return {
-        name: _tensor_info(name, entry, path, where, data_size, size)
+        name: header_entry(name, entry, path, where, data_size, size)
         for name, entry in header.items()
     }
 
 
-def _tensor_info(
+def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
+    """The headers of safetensors files on disk, one after the other."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        tensors.update(read_safetensors_header(file, label))
+    return tensors
+
+
+HeaderReader = Callable[[list[Path], str], dict[str, TensorInfo]]
+
+
+def header_entry(
     name: str, entry: Any, path: Path, where: str, data_size: int, file_size: int
 ) -> TensorInfo:
-    """Validate one header entry: dtype, shape, offsets inside the file, size matching shape."""
+    """Validate one header entry: dtype, shape, offsets inside the file, size matching shape.
+    ``data_size`` is the byte count after the header, ``file_size`` the file's."""
     try:
         dtype_name = entry["dtype"]
         shape = tuple(int(d) for d in entry["shape"])
@@ -170,18 +186,21 @@ def _bin_info(name: str, t: torch.Tensor, path: Path) -> TensorInfo:
 # --- folder layout ---------------------------------------------------------------------------
 
 
-def _find_weights(directory: Path, label: str) -> tuple[Format, Path]:
-    """Pick the weight entry point: single or indexed safetensors first, then .bin."""
+def _find_weights(directory: Path, label: str, listed: Collection[str]) -> tuple[Format, Path]:
+    """Pick the weight entry point: single or indexed safetensors first, then .bin. A name in
+    ``listed`` counts as a file of ``directory`` (one not downloaded yet)."""
     for fmt, name in (
         ("safetensors", SAFE_SINGLE),
         ("safetensors", SAFE_INDEX),
         ("bin", BIN_SINGLE),
         ("bin", BIN_INDEX),
     ):
-        if (directory / name).is_file():
+        if name in listed or (directory / name).is_file():
             return fmt, directory / name  # type: ignore[return-value]
-    loose = [p for p in directory.glob("*.safetensors") if not p.name.startswith("adapter_")]
-    if len(loose) == 1 and loose[0].is_file():
+    found = {p for p in directory.glob("*.safetensors") if p.is_file()}
+    found |= {directory / n for n in listed if n.endswith(".safetensors") and "/" not in n}
+    loose = sorted(p for p in found if not p.name.startswith("adapter_"))
+    if len(loose) == 1:
         return "safetensors", loose[0]
     hint = ""
     if (directory / "adapter_config.json").is_file():
@@ -192,13 +211,15 @@ def _find_weights(directory: Path, label: str) -> tuple[Format, Path]:
     )
 
 
-def _read_index(index: Path, label: str) -> dict[str, Path]:
-    """Read an index json's weight_map; every listed shard must exist."""
+def _read_index(index: Path, label: str, listed: Collection[str]) -> dict[str, Path]:
+    """Read an index json's weight_map; every listed shard must exist (or be in ``listed``)."""
     where = _where(label, index)
     weight_map = _read_json(index, label).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{where}: 'weight_map' is missing or not a name -> file mapping")
-    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    missing = sorted(
+        {f for f in weight_map.values() if f not in listed and not (index.parent / f).is_file()}
+    )
     if missing:
         raise CheckpointError(
             [f"{where}: missing shard '{f}' listed in the index" for f in missing]
@@ -304,25 +325,34 @@ class Checkpoint(TensorSource):
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, directory: Path, label: str) -> Checkpoint:
-        """Read config and headers of the model in ``directory``; no tensor data is read."""
+    def open(
+        cls,
+        directory: Path,
+        label: str,
+        *,
+        listed: Collection[str] = (),
+        headers: HeaderReader = read_headers,
+    ) -> Checkpoint:
+        """Read config and headers of the model in ``directory``; no tensor data is read.
+
+        ``listed`` names weight files (relative to ``directory``) that exist elsewhere and
+        ``headers`` reads safetensors headers: ``merge.hub.remote`` passes a Hub repo's
+        weight files and a reader of their headers over the network."""
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{_where(label, directory)}: directory not found")
         config_path = directory / "config.json"
         config = _read_json(config_path, label) if config_path.is_file() else {}
-        fmt, entry = _find_weights(directory, label)
-        weight_map = _read_index(entry, label) if entry.name.endswith(".index.json") else None
+        fmt, entry = _find_weights(directory, label, listed)
+        index = entry.name.endswith(".index.json")
+        weight_map = _read_index(entry, label, listed) if index else None
         files = sorted(set(weight_map.values())) if weight_map is not None else [entry]
-        tensors: dict[str, TensorInfo] = {}
+        tensors = headers(files, label) if fmt == "safetensors" else {}
         bin_tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            if fmt == "safetensors":
-                tensors.update(read_safetensors_header(file, label))
-            else:
-                loaded = load_bin(file, label)
-                bin_tensors.update(loaded)
-                tensors.update({k: _bin_info(k, t, file) for k, t in loaded.items()})
+        for file in files if fmt == "bin" else []:
+            loaded = load_bin(file, label)
+            bin_tensors.update(loaded)
+            tensors.update({k: _bin_info(k, t, file) for k, t in loaded.items()})
         if weight_map is not None:
             _check_index(weight_map, tensors, _where(label, entry))
         return cls(directory, label, config, tensors, fmt, bin_tensors)

@@ -250,9 +250,7 @@ def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = 
             typer.echo(f"{out}: ok, {verdict.checked} files match the manifest", err=True)
         return
     if not quiet:
-        typer.echo(
-            f"{out}: {len(verdict.problems)} problems against the manifest", err=True
-        )
+        typer.echo(f"{out}: {len(verdict.problems)} problems against the manifest", err=True)
     raise typer.Exit(1)
 
 

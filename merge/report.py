@@ -6,6 +6,7 @@ from typing import Any
 
 from merge import architecture as arch
 from merge.globaltrim import global_jobs
+from merge.hub import RemoteModel, download_bytes
 from merge.jobs import Input, Plan, TensorJob
 
 
@@ -50,6 +51,12 @@ def summary(p: Plan) -> list[str]:
         f"expected peak memory: {human_bytes(p.peak_bytes)} of tensor data"
         + (f" (largest tensor: {largest.name})" if largest else ""),
     ]
+    remote = _remote(p)
+    if remote:
+        lines.append(
+            f"download: {human_bytes(download_bytes(remote))} of weights, when run (planned "
+            f"from their headers on the Hub: {', '.join(dict.fromkeys(m.label for m in remote))})"
+        )
     if p.vocab is not None:
         lines.append(vocab_line(p))
     if p.modules:
@@ -97,6 +104,10 @@ def vocab_line(p: Plan) -> str:
     aligned = sum(1 for j in p.jobs if j.vocab is not None)
     parts.append(f"{aligned} tensor(s) permuted into it" if aligned else "no tensor permuted")
     return f"tokenizer: {source}: " + ", ".join(parts)
+
+
+def _remote(p: Plan) -> list[RemoteModel]:
+    return [m.remote for m in p.models.values() if m.remote is not None]
 
 
 def plan_text(p: Plan) -> str:
@@ -157,6 +168,7 @@ def plan_json(p: Plan) -> dict[str, Any]:
         "out_dtype": p.out_dtype,
         "models": {ref: str(m.directory) for ref, m in p.models.items()},
         "output_bytes": p.shards.total_bytes,
+        "download_bytes": download_bytes(_remote(p)),
         "peak_bytes": p.peak_bytes,
         "shards": [
             {"file": s.filename, "bytes": s.nbytes, "tensors": [t.name for t in s.tensors]}

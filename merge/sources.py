@@ -11,7 +11,10 @@ only checks syntax; ``resolve`` decides what the text means, in this order:
 2. A local directory, relative to the current directory or to one of ``search_dirs`` (the
    recipe's folder), ``~`` expanded. Text that can only be a path (``./``, ``../``, ``/``, ``~``,
    or more than one ``/``) and does not exist is an error, never a Hub lookup.
-3. A Hub id ``org/name``: handed to ``merge.hub.download_model`` (the only Hub code).
+3. A Hub id ``org/name``: handed to ``merge.hub.download_model`` (the only Hub code), or, for
+   the plan phase (``locate_pair``), to ``merge.hub.locate_model``: a model whose weights are
+   not in the cache then comes back as a ``merge.hub.RemoteModel`` (small files in the cache,
+   weights still on the Hub). An adapter is small and is always downloaded.
 
 What this module does not do: read checkpoints (``merge.checkpoint``), talk to the Hub itself,
 pin or record revisions (``merge.lock``), or read LoRA adapters (``merge.lora``).
@@ -23,8 +26,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merge.errors import SourceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from merge.hub import RemoteModel
 
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
 HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")  # the Hub's rules: no '..' or '--' either
@@ -90,30 +97,41 @@ def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:
     """Return the local folder holding ``ref``'s files, downloading Hub models if needed.
 
     For ``base+adapter`` both are resolved and the base's folder is returned."""
-    if ref.lora is not None:
-        return resolve_pair(ref, search_dirs=search_dirs)[0]
-    return _resolve_one(ref, search_dirs, "model")
+    return resolve_pair(ref, search_dirs=search_dirs)[0]
 
 
 def resolve_pair(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> tuple[Path, Path | None]:
     """The base's folder and the adapter's folder (None without ``+adapter``).
 
     A failure on either side is reported, both sides' together."""
+    base, adapter = locate_pair(ref, search_dirs=search_dirs)
+    assert isinstance(base, Path)
+    return base, adapter
+
+
+def locate_pair(
+    ref: ModelRef, *, search_dirs: Sequence[Path] = (), headers_only: bool = False
+) -> tuple[Path | RemoteModel, Path | None]:
+    """As ``resolve_pair``; with ``headers_only`` a Hub base whose weights are not in the
+    cache is not downloaded but given as a ``RemoteModel``."""
     problems: list[str] = []
-    folders: list[Path | None] = []
+    sides: list[Path | RemoteModel | None] = []
     for side, what in ((ref.base, "model"), (ref.lora, "adapter")):
+        remote = headers_only and what == "model"
         try:
-            folders.append(None if side is None else _resolve_one(side, search_dirs, what))
+            sides.append(None if side is None else _resolve_one(side, search_dirs, what, remote))
         except SourceError as e:
             problems.extend(e.problems)
     if problems:
         raise SourceError(problems)
-    base, adapter = folders
-    assert base is not None
+    base, adapter = sides
+    assert base is not None and (adapter is None or isinstance(adapter, Path))
     return base, adapter
 
 
-def _resolve_one(ref: ModelRef, search_dirs: Sequence[Path], what: str) -> Path:
+def _resolve_one(
+    ref: ModelRef, search_dirs: Sequence[Path], what: str, headers_only: bool = False
+) -> Path | RemoteModel:
     """One side of a reference: local folder first, then the Hub."""
     local = _find_local(ref.path, search_dirs)
     if local is not None:
@@ -128,9 +146,11 @@ def _resolve_one(ref: ModelRef, search_dirs: Sequence[Path], what: str) -> Path:
             f"{what} '{ref}': local path not found{_looked_in(ref.path, search_dirs)}"
         )
     if ref.is_hub:
-        from merge.hub import download_model
+        from merge import hub
 
-        return download_model(ref.path, ref.revision)
+        if headers_only:
+            return hub.locate_model(ref.path, ref.revision)
+        return hub.download_model(ref.path, ref.revision)
     raise SourceError(
         f"{what} '{ref}': not a local directory{_looked_in(ref.path, search_dirs)} and not a "
         f"Hugging Face repo id; use a {what} folder path or 'org/name' (optionally '@revision')"

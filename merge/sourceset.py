@@ -9,6 +9,12 @@ A ``base+adapter`` reference opens the base's checkpoint wrapped in a ``LoraChec
 (``merge.lora``), which reads the adapter and checks it against the base's headers now; the
 model's ``directory`` is the base's folder (config, tokenizer and generation config come from
 it) and ``adapter`` the adapter's.
+
+``open_models(recipe, headers_only=True)`` (the plan phase) opens a Hub model whose weights are
+not in the cache as a ``merge.hub.RemoteCheckpoint``: small files in its cache snapshot (the
+model's ``directory``), headers read from the Hub, ``remote`` set. ``with_weights`` downloads
+those weights and gives the models again, opened from the files and checked against the
+headers that were planned.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ from typing import TYPE_CHECKING
 
 from merge.checkpoint import Checkpoint
 from merge.errors import MergeError, SourceError
-from merge.hub import hub_run
+from merge.hub import (
+    RemoteCheckpoint,
+    RemoteModel,
+    check_downloaded,
+    download_weights,
+    hub_run,
+)
 from merge.lora import LoraCheckpoint
 from merge.recipe import Recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     from merge.moe.recipe import MoeRecipe
-from merge.sources import ModelRef, resolve_pair
+from merge.sources import ModelRef, locate_pair
 
 
 @dataclass
@@ -37,17 +49,20 @@ class Model:
     directory: Path
     checkpoint: Checkpoint | LoraCheckpoint
     adapter: Path | None = None
+    remote: RemoteModel | None = None  # weights still on the Hub (``headers_only``)
 
 
-def open_models(recipe: Recipe | MoeRecipe) -> dict[str, Model]:
-    """Resolve and open every model of the recipe (headers only)."""
+def open_models(recipe: Recipe | MoeRecipe, *, headers_only: bool = False) -> dict[str, Model]:
+    """Resolve and open every model of the recipe (headers only). With ``headers_only`` the
+    weights of Hub models that are not in the cache are not downloaded: their headers are
+    read from the Hub, and their tensors cannot be read (``with_weights`` first)."""
     paths = recipe.ref_paths()
     models: dict[str, Model] = {}
     problems: list[str] = []
     with hub_run():
         for ref in paths:
             try:
-                models[ref] = _open(ref, recipe.file.parent)
+                models[ref] = _open(ref, recipe.file.parent, headers_only)
             except MergeError as e:
                 where = recipe.loc.where(paths[ref])
                 problems.extend(f"{where}: {p}" for p in e.problems)
@@ -58,12 +73,17 @@ def open_models(recipe: Recipe | MoeRecipe) -> dict[str, Model]:
     return models
 
 
-def _open(text: str, recipe_dir: Path) -> Model:
+def _open(text: str, recipe_dir: Path, headers_only: bool) -> Model:
     ref = ModelRef.parse(text)
-    directory, adapter = resolve_pair(ref, search_dirs=[recipe_dir])
-    base = Checkpoint.open(directory, label=text)
+    located, adapter = locate_pair(ref, search_dirs=[recipe_dir], headers_only=headers_only)
+    remote = located if isinstance(located, RemoteModel) else None
+    base: Checkpoint
+    if isinstance(located, RemoteModel):
+        directory, base = located.folder, RemoteCheckpoint.open_remote(located, label=text)
+    else:
+        directory, base = located, Checkpoint.open(located, label=text)
     if adapter is None or ref.lora is None:
-        return Model(text, directory, base)
+        return Model(text, directory, base, remote=remote)
     try:
         ckpt = LoraCheckpoint.open(
             base, adapter, label=text, base_label=str(ref.base), adapter_label=str(ref.lora)
@@ -71,7 +91,44 @@ def _open(text: str, recipe_dir: Path) -> Model:
     except BaseException:
         base.close()
         raise
-    return Model(text, directory, ckpt, adapter)
+    return Model(text, directory, ckpt, adapter, remote)
+
+
+def remote_models(models: dict[str, Model]) -> list[RemoteModel]:
+    """The models whose weights are still on the Hub, in recipe order."""
+    return [m.remote for m in models.values() if m.remote is not None]
+
+
+def with_weights(models: dict[str, Model], *, progress: bool = True) -> dict[str, Model]:
+    """Download the weights of the models that have ``remote`` set, and give every model again:
+    those opened from the downloaded files (checked against the planned headers), the others
+    as they are. The caller closes both sets."""
+    download_weights(remote_models(models), progress=progress)
+    opened: dict[str, Model] = {}
+    try:
+        for ref, m in models.items():
+            opened[ref] = m if m.remote is None else _reopen(m)
+    except BaseException:
+        close_models({r: m for r, m in opened.items() if m.remote is not None})
+        raise
+    return opened
+
+
+def _reopen(m: Model) -> Model:
+    """A downloaded model from its files; a LoRA adapter read once is applied again."""
+    planned = m.checkpoint.base if isinstance(m.checkpoint, LoraCheckpoint) else m.checkpoint
+    assert isinstance(planned, RemoteCheckpoint)
+    base = Checkpoint.open(m.directory, label=planned.label)
+    try:
+        check_downloaded(planned, base)
+    except BaseException:
+        base.close()
+        raise
+    if isinstance(m.checkpoint, LoraCheckpoint):
+        ckpt: Checkpoint | LoraCheckpoint = LoraCheckpoint(base, m.checkpoint.adapter, m.ref)
+    else:
+        ckpt = base
+    return Model(m.ref, m.directory, ckpt, m.adapter)
 
 
 def close_models(models: dict[str, Model]) -> None:

@@ -8,9 +8,11 @@ huggingface_hub client against it (``HF_ENDPOINT=server.endpoint``, ``HF_HUB_DIS
 A revision key is a branch/tag name or a 40-hex commit sha; a name gets a deterministic sha
 (``commit_sha(repo, name)``), and every revision can also be asked for by its sha. Every
 request is recorded in ``.requests`` as ``(method, path)``; ``.fetched()`` lists the files whose
-bytes were sent. ``use_endpoint(monkeypatch, endpoint, cache)`` undoes the session's offline
-setup for one test and points the client at ``endpoint`` (a server's, or one that cannot be
-reached).
+bytes were sent, whole or in part. Every answer is also recorded in ``.log`` as a ``Served``
+(method, path, the request's ``Range`` header, status, body bytes sent): ``.fetched_whole()``
+lists the files sent whole, ``.bytes_served(suffix)`` counts the bytes of files sent.
+``use_endpoint(monkeypatch, endpoint, cache)`` undoes the session's offline setup for one test
+and points the client at ``endpoint`` (a server's, or one that cannot be reached).
 
 The endpoints are the ones huggingface_hub 2.4 calls to read a model repo (see ``hf_api.py``
 ``model_info`` / ``_iter_repo_tree_pages`` and ``file_download.py``):
@@ -21,11 +23,15 @@ The endpoints are the ones huggingface_hub 2.4 calls to read a model repo (see `
   ``list_repo_files``, one page (no ``Link`` header).
 - ``HEAD`` / ``GET /{repo}/resolve/{rev}/{file}``: ``hf_hub_download``, with ``X-Repo-Commit``,
   ``ETag`` (git blob sha1), and for LFS-like files ``X-Linked-Etag`` (sha256) and
-  ``X-Linked-Size``, as the Hub sends them.
+  ``X-Linked-Size``, as the Hub sends them; ``Accept-Ranges: bytes``. A GET with
+  ``Range: bytes=A-B`` (or ``A-``) gets ``206`` with ``Content-Range: bytes A-B/SIZE`` and
+  those bytes only, as ``parse_safetensors_file_metadata`` asks (``bytes=0-100000``, then
+  ``bytes=8-N`` for a longer header) and a resumed download does; a range past the end gets
+  ``416``.
 
 Errors carry the Hub's ``X-Error-Code``: ``RepoNotFound`` (404), ``RevisionNotFound`` (404),
 ``EntryNotFound`` (404), ``GatedRepo`` (401, for repos listed in ``gated``). Not implemented:
-authentication, pagination, Range requests, redirects to a CDN, Xet, uploads.
+authentication, pagination, multi-part or suffix ranges, redirects to a CDN, Xet, uploads.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import hashlib
 import json
 import re
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +56,30 @@ API_RE = re.compile(
     rf"/api/models/{REPO}(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?"
 )
 RESOLVE_RE = re.compile(rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+RANGE_RE = re.compile(r"bytes=(?P<start>\d+)-(?P<end>\d*)")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One answer: the request (method, path, Range header) and what was sent back."""
+
+    method: str
+    path: str
+    range: str | None
+    status: int
+    sent: int  # body bytes
+
+    @property
+    def file(self) -> str | None:
+        """The repo file of a ``.../resolve/...`` request, else None."""
+        m = RESOLVE_RE.fullmatch(urlsplit(self.path).path)
+        return unquote(m["path"]) if m else None
+
+    @property
+    def repo(self) -> str | None:
+        """The repo id of a ``.../resolve/...`` request, else None."""
+        m = RESOLVE_RE.fullmatch(urlsplit(self.path).path)
+        return unquote(m["repo"]) if m else None
 
 
 def commit_sha(repo_id: str, revision: str) -> str:
@@ -108,6 +139,7 @@ class HubServer:
         }
         self.gated = set(gated)
         self.requests: list[tuple[str, str]] = []
+        self.log: list[Served] = []
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -137,9 +169,29 @@ class HubServer:
                 files.add(unquote(m["path"]))
         return files
 
+    def fetched_whole(self, repo_id: str | None = None) -> set[str]:
+        """Files (repo paths) sent whole: a ``GET .../resolve/...`` answered 200."""
+        return {
+            s.file
+            for s in self.served(repo_id)
+            if s.method == "GET" and s.status == 200 and s.file is not None
+        }
+
+    def bytes_served(self, suffix: str = "", repo_id: str | None = None) -> int:
+        """Body bytes sent of files whose name ends with ``suffix``, whole or in ranges."""
+        return sum(s.sent for s in self.served(repo_id) if s.file and s.file.endswith(suffix))
+
+    def served(self, repo_id: str | None = None) -> list[Served]:
+        """``.log``; only the ``.../resolve/...`` answers of ``repo_id`` when given."""
+        return [s for s in list(self.log) if repo_id in (None, s.repo)]
+
     def record(self, method: str, path: str) -> None:
         with self._lock:
             self.requests.append((method, path))
+
+    def record_served(self, served: Served) -> None:
+        with self._lock:
+            self.log.append(served)
 
     # --- repo lookups (raise HubError) ------------------------------------------------------
 
@@ -234,13 +286,29 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, "EntryNotFound", f"{path} does not exist on this revision", sha)
         data = file.read_bytes()
         info = _file_info(path, data)
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{info["oid"]}"'}
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{info["oid"]}"', "Accept-Ranges": "bytes"}
         if "lfs" in info:
             headers["X-Linked-Etag"] = f'"{info["lfs"]["oid"]}"'
             headers["X-Linked-Size"] = str(len(data))
-        self._send(200, data, {"Content-Type": "application/octet-stream", **headers}, body)
+        headers["Content-Type"] = "application/octet-stream"
+        wanted = RANGE_RE.fullmatch(self.headers.get("Range", "").strip()) if body else None
+        if wanted is None:
+            self._send(200, data, headers, body)
+            return
+        start, size = int(wanted["start"]), len(data)
+        end = min(int(wanted["end"] or size - 1), size - 1)
+        if start >= size or end < start:
+            self._send(416, b"", {**headers, "Content-Range": f"bytes */{size}"}, body)
+            return
+        part = {"Content-Range": f"bytes {start}-{end}/{size}"}
+        self._send(206, data[start : end + 1], {**headers, **part}, body)
 
     def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+        # Logged first: a client that has the answer finds it in the log.
+        sent = len(data) if body else 0
+        self.hub.record_served(
+            Served(self.command, self.path, self.headers.get("Range"), status, sent)
+        )
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(data))}.items():
             self.send_header(key, value)

@@ -2,9 +2,12 @@
 
 - ``download``: fetch what a merge needs into the HF cache (``download_model``), the per-run
   reachability probe (``hub_run``), and the mapping of client failures to one-line errors.
+- ``remote``: plan a Hub model from its small files and its shards' headers (HTTP Range
+  reads), without downloading its weights (``locate_model``, ``RemoteCheckpoint``); download
+  them once the plan passed (``download_weights``, ``check_downloaded``).
 
-Later parts (header-only remote planning, file metadata for locks, publishing) are modules of
-this package too; callers import from ``merge.hub``.
+Later parts (file metadata for locks, publishing) are modules of this package too; callers
+import from ``merge.hub``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,26 @@ from merge.hub.download import (
     probe_timeout,
     select_files,
 )
+from merge.hub.remote import (
+    RemoteCheckpoint,
+    RemoteModel,
+    check_download_space,
+    check_downloaded,
+    download_bytes,
+    download_weights,
+    locate_model,
+)
 
 __all__ = [
     "NEEDED_FILES",
     "HubUnreachableError",
+    "RemoteCheckpoint",
+    "RemoteModel",
+    "check_download_space",
+    "check_downloaded",
+    "download_bytes",
+    "download_weights",
+    "locate_model",
     "download_model",
     "hub_cache_dir",
     "hub_endpoint",

@@ -1,4 +1,4 @@
-"""The only code that talks to the Hugging Face Hub.
+"""Downloads from the Hugging Face Hub (``merge.hub.remote`` reads headers without them).
 
 Design
 ------
@@ -9,7 +9,7 @@ tokenizer files, and one weight format (safetensors + index if the repo has any,
 ``consolidated.*``), plus a LoRA adapter's ``adapter_model.safetensors`` (else ``.bin``) and
 ``adapter_config.json`` when the repo has them. Which files to take is decided by a pure
 function (``select_files``) over the repo listing when online, or over the cached snapshot when
-offline.
+offline. ``hub_or_cache`` is the choice between the two, shared with ``merge.hub.remote``.
 
 Environment is read at call time (huggingface_hub reads some of it once at import):
 ``HF_HUB_CACHE`` / ``HUGGINGFACE_HUB_CACHE`` / ``HF_HOME`` / ``XDG_CACHE_HOME`` pick the cache,
@@ -26,7 +26,8 @@ spares the run huggingface_hub's retries (about 23 s per model). Outside ``hub_r
 is probed.
 
 What this module does not do: publish (a later ``merge.hub`` part), resolve local paths
-(``merge.sources``), read weights, or record revisions for the lock file.
+(``merge.sources``), read weights or their headers (``merge.hub.remote``), or record revisions
+for the lock file.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from merge.checkpoint import BIN_INDEX, SAFE_INDEX
 from merge.errors import SourceError
@@ -53,6 +55,7 @@ OFFLINE_STEP = "download it once online or use a local path"
 UNREACHABLE_STEP = (
     "download it once online, use a local path, or set HF_HUB_OFFLINE=1 to use only the cache"
 )
+T = TypeVar("T")
 
 
 class HubUnreachableError(SourceError):
@@ -200,6 +203,15 @@ def select_files(names: Iterable[str]) -> list[str]:
 
 def download_model(repo_id: str, revision: str | None) -> Path:
     """Fetch (or find in the cache) what a merge needs from ``repo_id`` and return its folder."""
+    return hub_or_cache(
+        repo_id, revision, lambda label, cache: _download(repo_id, revision, label, cache)
+    )
+
+
+def hub_or_cache(repo_id: str, revision: str | None, online: Callable[[str, Path], T]) -> T | Path:
+    """``online(label, cache)`` where the Hub may be used; the cached snapshot instead (no
+    network) when it must not be (``HF_HUB_OFFLINE``), or is found unreachable before or by
+    ``online`` (a ``HubUnreachableError``)."""
     label = repo_id if revision is None else f"{repo_id}@{revision}"
     cache = hub_cache_dir()
     offline = offline_reason()
@@ -208,19 +220,27 @@ def download_model(repo_id: str, revision: str | None) -> Path:
     down = _hub_down()
     if down:
         return _from_cache(repo_id, revision, cache, label, down, UNREACHABLE_STEP)
+    try:
+        return online(label, cache)
+    except HubUnreachableError as error:
+        return _from_cache(repo_id, revision, cache, label, error.reason, UNREACHABLE_STEP)
+
+
+def no_weights(label: str) -> SourceError:
+    return SourceError(
+        f"model '{label}': the repo has no safetensors, pytorch_model.bin or adapter weights"
+    )
+
+
+def _download(repo_id: str, revision: str | None, label: str, cache: Path) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    try:
-        with _hub_errors(label, revision, cache):
-            names = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
-    except HubUnreachableError as error:
-        return _from_cache(repo_id, revision, cache, label, error.reason, UNREACHABLE_STEP)
+    with _hub_errors(label, revision, cache):
+        names = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
     files = select_files(names)
     if not files:
-        raise SourceError(
-            f"model '{label}': the repo has no safetensors, pytorch_model.bin or adapter weights"
-        )
+        raise no_weights(label)
     with _hub_errors(label, revision, cache):
         folder = snapshot_download(
             repo_id, revision=revision, cache_dir=cache, allow_patterns=files, endpoint=endpoint
@@ -249,8 +269,11 @@ def _from_cache(
 
     folder = cached(["config.json", "adapter_config.json"])  # locates the snapshot
     files = select_files(p.name for p in folder.iterdir() if p.is_file())
-    if not files:
-        raise SourceError(f"model '{label}': the cached snapshot {folder} has no weights")
+    if not files:  # e.g. only the config and tokenizer that `merge plan` fetched
+        raise SourceError(
+            f"model '{label}': the cached snapshot {folder} has no weights and {reason}; "
+            f"{next_step}"
+        )
     return cached(files)  # checks the chosen files against the cached repo listing, if any
 
 
@@ -275,6 +298,10 @@ def _hub_errors(
         raise SourceError(f"{where}: repo not found on the Hub (if it is private, {login})") from e
     except hf.RevisionNotFoundError as e:
         raise SourceError(f"{where}: revision '{revision}' not found in the repo") from e
+    except hf.RevisionResolutionError as e:  # HfApi.resolve_revision: no answer, no cached ref
+        if e.__cause__ is None or not _is_network_error(e.__cause__):
+            raise SourceError(f"{where}: {_first_line(e)}") from e
+        raise _unreachable_error(where, e.__cause__) from e
     except hf.IncompleteSnapshotError as e:
         raise SourceError(
             f"{where}: the cached snapshot in {cache} is incomplete; download it again online"
@@ -293,11 +320,16 @@ def _hub_errors(
     except Exception as e:
         if not _is_network_error(e):
             raise
-        reason = _unreachable(e, hub_endpoint())
-        _mark_down(reason)  # the run's next models go to the cache without retrying
-        error = HubUnreachableError(f"{where}: {reason}; check your connection or proxy")
-        error.reason = reason
-        raise error from e
+        raise _unreachable_error(where, e) from e
+
+
+def _unreachable_error(where: str, e: BaseException) -> HubUnreachableError:
+    """The error of a network failure; the run's next models go to the cache without retrying."""
+    reason = _unreachable(e, hub_endpoint())
+    _mark_down(reason)
+    error = HubUnreachableError(f"{where}: {reason}; check your connection or proxy")
+    error.reason = reason
+    return error
 
 
 def _unreachable(e: BaseException, endpoint: str) -> str:
