@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge import __version__
+from merge.build.manifest import InputHashes, make_manifest, write_manifest
 from merge.card import model_card
 from merge.errors import OutputError
 from merge.execute import Resources, execute
@@ -240,6 +241,8 @@ def run(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    lock_sha256: str | None = None,
+    build_key: str | None = None,
 ) -> Path:
     """Merge: plan, check the output location, stream every tensor, then finalize atomically.
     ``warn`` gets each warning, ``info`` each line of an MoE's routing report. ``threads``
@@ -248,7 +251,9 @@ def run(
     output. ``copy_tokenizer`` and ``write_card`` false leave out the tokenizer files (unless a
     recipe tokenizer setting built them) and README.md; ``allow_crimes`` merges models of
     different architectures; ``trust_remote_code`` lets transformers run the models' code;
-    ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE`` etc.)."""
+    ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE`` etc.).
+    ``lock_sha256`` (the lock the inputs were resolved from) and ``build_key`` (a multi-stage
+    build's key) are recorded in the output's ``merge-manifest.json``."""
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
@@ -265,9 +270,22 @@ def run(
                 warn(w)
         _check_output(p, target, overwrite)
         computed = _gates(p, progress, warn, info)
-        with AtomicOutput(target, overwrite) as tmp:
-            execute(p, tmp, progress=progress, computed=computed, resources=resources)
-            write_extras(p, tmp, copy_tokenizer=copy_tokenizer, write_card=write_card)
+        hashes = InputHashes(p.models)
+        try:
+            with AtomicOutput(target, overwrite) as tmp:
+                execute(p, tmp, progress=progress, computed=computed, resources=resources)
+                write_extras(p, tmp, copy_tokenizer=copy_tokenizer, write_card=write_card)
+                manifest = make_manifest(
+                    tmp,
+                    recipe_text=p.recipe.text,
+                    seed=p.seed,
+                    inputs=hashes.result(),
+                    lock_sha256=lock_sha256,
+                    build_key=build_key,
+                )
+                write_manifest(tmp, manifest)
+        finally:
+            hashes.cancel()
     return target
 
 

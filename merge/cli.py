@@ -235,6 +235,28 @@ def plan(
 
 
 @app.command(add_help_option=False)
+def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = False) -> None:
+    """Check every file of OUT against its merge-manifest.json (reads every byte).
+
+    Exit 0 when all match, 1 naming each file that differs, is missing or is not in the
+    manifest, 2 when OUT has no readable manifest."""
+    from merge.build.manifest import verify as check
+
+    verdict = _guard(lambda: check(out), quiet)
+    for problem in verdict.problems:
+        typer.echo(f"{out}/{problem}")
+    if verdict.ok:
+        if not quiet:
+            typer.echo(f"{out}: ok, {verdict.checked} files match the manifest", err=True)
+        return
+    if not quiet:
+        typer.echo(
+            f"{out}: {len(verdict.problems)} problems against the manifest", err=True
+        )
+    raise typer.Exit(1)
+
+
+@app.command(add_help_option=False)
 def methods(
     name: Annotated[
         str | None,

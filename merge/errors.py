@@ -42,5 +42,10 @@ class OutputError(MergeError):
     """The output location is unusable: exists, inside an input, no disk space."""
 
 
+class BuildError(MergeError):
+    """A build record is unusable: a lock or manifest missing, corrupt or for another recipe,
+    or an input that differs from what the lock pins."""
+
+
 class PublishError(MergeError):
     """Publishing to the Hub failed."""

@@ -93,6 +93,10 @@ OutArg = Annotated[
         show_default=False,
     ),
 ]
+OutDirArg = Annotated[
+    Path,
+    typer.Argument(metavar="OUT", help="A merge output directory.", show_default=False),
+]
 OverwriteOpt = Annotated[bool, flag("--overwrite", help="Replace an existing output directory.")]
 SeedOpt = Annotated[
     int | None,

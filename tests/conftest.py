@@ -49,7 +49,8 @@ def hf_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """No test can reach the network or the user's Hugging Face cache and token.
 
     Sets the offline variables and points ``HF_HOME``/``HF_HUB_CACHE`` (and the tool's own
-    ``MERGE_CACHE_DIR``) at a per-session temp folder, for the whole session (session fixtures included). Yields that ``HF_HOME``.
+    ``MERGE_CACHE_DIR``) at per-session temp folders, for the whole session (session fixtures
+    included). Yields that ``HF_HOME``.
     """
     from huggingface_hub import constants
 
@@ -62,7 +63,8 @@ def hf_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "HF_XET_CACHE": home / "xet",
         "HF_TOKEN_PATH": home / "token",
         "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-        "MERGE_CACHE_DIR": home / "mergesmith",  # the hash cache (merge.build.hashing)
+        # the tool's own caches (merge.build.hashing), outside HF_HOME
+        "MERGE_CACHE_DIR": tmp_path_factory.mktemp("mergesmith"),
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {**_OFFLINE_ENV, **{k: str(v) for k, v in paths.items()}}.items():
