@@ -48,7 +48,7 @@ TAGALONG_FILES = (
 )
 
 
-def _shard_bytes(value: str | int) -> int:
+def shard_bytes(value: str | int) -> int:
     """A shard size: text as ``--out-shard-size`` takes it (at least 1MB), or a byte count."""
     try:
         if isinstance(value, int):
@@ -70,7 +70,7 @@ def planned(
 ) -> Iterator[Plan]:
     """Load, resolve and plan a recipe; the models stay open inside the ``with`` block, and
     the settings (``merge.settings.applied``) hold there too."""
-    shard_bytes = _shard_bytes(shard_size)
+    nbytes = shard_bytes(shard_size)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir):
         models = open_models(rec)
@@ -78,10 +78,10 @@ def planned(
             if isinstance(rec, MoeRecipe):
                 from merge.moe.plan import make_moe_plan
 
-                yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+                yield make_moe_plan(rec, models, seed=seed, shard_bytes=nbytes)
             else:
                 yield make_plan(
-                    rec, models, seed=seed, shard_bytes=shard_bytes, allow_crimes=allow_crimes
+                    rec, models, seed=seed, shard_bytes=nbytes, allow_crimes=allow_crimes
                 )
         finally:
             close_models(models)

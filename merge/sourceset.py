@@ -9,13 +9,20 @@ A ``base+adapter`` reference opens the base's checkpoint wrapped in a ``LoraChec
 (``merge.lora``), which reads the adapter and checks it against the base's headers now; the
 model's ``directory`` is the base's folder (config, tokenizer and generation config come from
 it) and ``adapter`` the adapter's.
+
+Inside ``planned_checkpoints`` a folder that is a key is opened by its function instead of
+read from disk: a multi-stage recipe's planned stage output (``merge.build.multistage``), whose
+headers come from its plan because its tensors do not exist yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from merge.checkpoint import Checkpoint
@@ -37,6 +44,21 @@ class Model:
     directory: Path
     checkpoint: Checkpoint | LoraCheckpoint
     adapter: Path | None = None
+
+
+_PLANNED: ContextVar[Mapping[Path, Callable[[str], Checkpoint]]] = ContextVar(
+    "merge_planned_checkpoints", default=MappingProxyType({})
+)
+
+
+@contextmanager
+def planned_checkpoints(openers: Mapping[Path, Callable[[str], Checkpoint]]) -> Iterator[None]:
+    """Inside the block a model whose folder is a key is opened as ``openers[folder](label)``."""
+    token = _PLANNED.set(dict(openers))
+    try:
+        yield
+    finally:
+        _PLANNED.reset(token)
 
 
 def open_models(recipe: Recipe | MoeRecipe) -> dict[str, Model]:
@@ -61,7 +83,8 @@ def open_models(recipe: Recipe | MoeRecipe) -> dict[str, Model]:
 def _open(text: str, recipe_dir: Path) -> Model:
     ref = ModelRef.parse(text)
     directory, adapter = resolve_pair(ref, search_dirs=[recipe_dir])
-    base = Checkpoint.open(directory, label=text)
+    opener = _PLANNED.get().get(directory)
+    base = opener(text) if opener is not None else Checkpoint.open(directory, label=text)
     if adapter is None or ref.lora is None:
         return Model(text, directory, base)
     try:
