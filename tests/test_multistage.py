@@ -434,3 +434,24 @@ def test_an_moe_stage_takes_an_earlier_stage_as_an_expert(
         build(recipe, tmp_path)[1].splitlines()[1]
         == f"final stage: up to date ({tmp_path / 'out'})"
     )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # peft
+def test_a_stage_takes_an_adapter_as_a_model_does(
+    tmp_path: Path, models: dict[str, Path], llama_base: Path
+) -> None:
+    from test_lora import make_adapter
+
+    adapter = make_adapter(tmp_path / "ad", llama_base, target_modules=["q_proj", "v_proj"])
+    final = stage_doc("first+{ad}").format(ad=adapter, **models)
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(FIRST.format(**models) + "---\n" + final)
+    code, stderr = build(recipe, tmp_path)
+    assert code == 0, stderr
+    (tmp_path / "h1.yaml").write_text(FIRST.format(**models))
+    (tmp_path / "h2.yaml").write_text(final.replace("first+", f"{tmp_path / 'h1'}+"))
+    for name in ("h1", "h2"):
+        code, _, stderr = cli("run", tmp_path / f"{name}.yaml", tmp_path / name)
+        assert code == 0, stderr
+    weights = (tmp_path / "out/model.safetensors").read_bytes()
+    assert weights == (tmp_path / "h2/model.safetensors").read_bytes()
