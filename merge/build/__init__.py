@@ -7,6 +7,5 @@
 - ``multistage``: every stage planned before any is built; each stage's content key.
 - ``stagerun``: the build, stage by stage, rebuilding only those whose key changed.
 
-Locks, manifests, ``verify``, ``outdated`` and ``rebuild`` are modules of
-this package too.
+Locks, manifests, ``verify``, ``outdated`` and ``rebuild`` are modules of this package too.
 """
