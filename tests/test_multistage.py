@@ -455,3 +455,29 @@ def test_a_stage_takes_an_adapter_as_a_model_does(
         assert code == 0, stderr
     weights = (tmp_path / "out/model.safetensors").read_bytes()
     assert weights == (tmp_path / "h2/model.safetensors").read_bytes()
+
+
+def test_an_intermediate_dir_overlapping_the_output_is_refused(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    recipe = write_multi(tmp_path, models)
+    out = tmp_path / "out"
+    code, _, stderr = cli("run", recipe, out, "-I", out / "stages")
+    assert code == 2
+    assert stderr == (
+        f"error: the intermediate dir '{out / 'stages'}' and the output '{out}' overlap; "
+        "choose another --intermediate-dir or output\n"
+    )
+    assert not out.exists()
+
+
+def test_mergekit_multis_out_path_is_out(tmp_path: Path, models: dict[str, Path]) -> None:
+    recipe = write_multi(tmp_path, models)
+    code, _, stderr = cli("run", recipe, "--out-path", tmp_path / "a", "-I", tmp_path / "st")
+    assert code == 0, stderr
+    assert (tmp_path / "a/model.safetensors").is_file()
+    code, _, stderr = cli("run", recipe, tmp_path / "b", "--out-path", tmp_path / "a")
+    assert (code, stderr) == (
+        2,
+        f"error: give the output once: OUT ({tmp_path / 'b'}) or --out-path ({tmp_path / 'a'})\n",
+    )

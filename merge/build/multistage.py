@@ -125,6 +125,7 @@ def plan_stages(
 ) -> list[StagePlan]:
     """Plan every stage (see the module docstring); raise every stage's problems together.
     ``folders`` (stage name -> where the run builds it) is what the plans show."""
+    settings.key_options()  # a bad option once, before any stage
     plans: list[StagePlan] = []
     problems: list[str] = []
     kinds: list[type[MergeError]] = []

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merge.api import default_output, run
 from merge.build.manifest import MANIFEST_NAME, read_manifest
 from merge.build.multistage import Settings, StagePlan, plan_stages, stage_keys
 from merge.build.stages import Stages
@@ -97,8 +98,6 @@ def run_stages(
     docstring). ``report`` gets one line per stage (built / up to date), ``warn`` each
     warning with its stage; ``run_options`` go to ``merge.api.run`` (progress, threads,
     max_memory, device, info)."""
-    from merge.api import default_output
-
     settings = settings or Settings()
     target = Path(out) if out is not None else default_output(stages.file)
     folders = stage_folders(stages, intermediate_dir)
@@ -149,8 +148,6 @@ def _build(
     warn: Report | None,
     run_options: dict[str, Any],
 ) -> None:
-    from merge.api import run
-
     stage = step.sp.stage
     with stage_outputs(folders):
         run(
