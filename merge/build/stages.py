@@ -190,7 +190,6 @@ def _uses(
     stage: Stage, known: list[str], recipe_dir: Path, problems: list[str]
 ) -> dict[str, PathKey]:
     """The stages ``stage`` uses; problems with references that name (or nearly name) one."""
-    loc = stage.recipe.loc
     uses: dict[str, PathKey] = {}
     for text, rpath in stage.recipe.ref_paths().items():
         try:
@@ -198,37 +197,31 @@ def _uses(
         except ValueError:
             continue  # the recipe builder reported it
         for side in (ref.base, ref.lora):
-            if side is None:
-                continue
-            if side.path == stage.name:
-                problems.append(
-                    loc.error(
-                        rpath,
-                        f"stage '{stage.name}' uses itself; a stage can use only "
-                        "the outputs of other stages",
-                    )
-                )
-            elif side.path in known and side.revision is not None:
-                problems.append(
-                    loc.error(
-                        rpath,
-                        f"'{side}' names stage '{side.path}': a revision "
-                        f"(@{side.revision}) applies only to Hub models",
-                    )
-                )
-            elif side.path in known:
+            problem = None if side is None else _side_problem(stage, side, known, recipe_dir)
+            if problem is not None:
+                problems.append(stage.recipe.loc.error(rpath, problem))
+            elif side is not None and side.path in known:
                 uses.setdefault(side.path, rpath)
-            elif _unknown(side, recipe_dir):
-                close = closest(side.path, known)
-                hint = f"did you mean {close!r}? " if close else ""
-                problems.append(
-                    loc.error(
-                        rpath,
-                        f"unknown stage '{side.path}' (nor a local folder or a Hub "
-                        f"repo id); {hint}(stages: {', '.join(known) or 'none named'})",
-                    )
-                )
     return uses
+
+
+def _side_problem(stage: Stage, side: ModelRef, known: list[str], recipe_dir: Path) -> str | None:
+    """What is wrong with one side of a reference, as a stage reference, or None."""
+    if side.path == stage.name:
+        return f"stage '{stage.name}' uses itself; a stage can use only the outputs of other stages"
+    if side.path in known and side.revision is not None:
+        return (
+            f"'{side}' names stage '{side.path}': a revision (@{side.revision}) applies only "
+            "to Hub models"
+        )
+    if side.path not in known and _unknown(side, recipe_dir):
+        close = closest(side.path, known)
+        hint = f"did you mean {close!r}? " if close else ""
+        return (
+            f"unknown stage '{side.path}' (nor a local folder or a Hub repo id); {hint}"
+            f"(stages: {', '.join(known) or 'none named'})"
+        )
+    return None
 
 
 def _unknown(side: ModelRef, recipe_dir: Path) -> bool:
