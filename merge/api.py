@@ -63,7 +63,7 @@ TAGALONG_FILES = (
 )
 
 
-def _shard_bytes(value: str | int) -> int:
+def shard_bytes(value: str | int) -> int:
     """A shard size: text as ``--out-shard-size`` takes it (at least 1MB), or a byte count."""
     try:
         if isinstance(value, int):
@@ -87,12 +87,12 @@ def planned(
     the settings (``merge.settings.applied``) hold there too. Hub models whose weights are not
     in the cache are planned from their headers and cannot be read (``Model.remote`` is set):
     ``run`` downloads them after the plan passed."""
-    shard_bytes = _shard_bytes(shard_size)
+    nbytes = shard_bytes(shard_size)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir):
         models = open_models(rec, headers_only=True)
         try:
-            yield _make_plan(rec, models, seed, shard_bytes, allow_crimes)
+            yield _make_plan(rec, models, seed, nbytes, allow_crimes)
         finally:
             close_models(models)
 
@@ -303,10 +303,10 @@ def run(
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
-    shard_bytes = _shard_bytes(shard_size)
+    nbytes = shard_bytes(shard_size)
 
     def again(models: dict[str, Model]) -> Plan:
-        return _make_plan(rec, models, seed, shard_bytes, allow_crimes)
+        return _make_plan(rec, models, seed, nbytes, allow_crimes)
 
     with planned(
         rec,

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -113,6 +112,9 @@ def run(
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
+    intermediate_dir: opt.IntermediateDirOpt = None,
+    lazy: opt.LazyOpt = True,
+    out_path: opt.OutPathOpt = None,
     quiet: opt.QuietOpt = False,
     # mergekit's options with no effect: each given one leaves its notice (opt.notices)
     lazy_unpickle: opt.LazyUnpickle = None,
@@ -131,38 +133,65 @@ def run(
     verbose: opt.Verbose = 0,
     help: opt.HelpOpt = False,
 ) -> None:
-    """Merge the models of RECIPE into OUT."""
+    """Merge the models of RECIPE into OUT.
+
+    A multi-stage RECIPE (several YAML documents) builds each named stage in
+    DIR/<name> and the unnamed one into OUT, rebuilding only what changed."""
     from merge import api
+    from merge.build.multistage import Settings
+    from merge.build.stagerun import run_stages
+    from merge.build.stages import Stages, load
     from merge.execute import Resources
     from merge.settings import device_name
 
-    def go() -> Path:
+    if out is not None and out_path is not None and out != out_path:
+        _fail([f"give the output once: OUT ({out}) or --out-path ({out_path})"])
+    target = out if out is not None else out_path
+
+    def go() -> str:
         dev = device_name(device, cuda, gpu_rich)
         Resources.resolve(threads, max_memory, dev)  # bad options before recipe problems
-        rec = api.load_recipe(recipe)
-        return api.run(
-            rec,
-            out,
-            overwrite=overwrite,
+        rec = load(recipe)
+        settings = Settings(
             seed=seed,
             shard_size=out_shard_size,
-            progress=not quiet,
-            warn=None if quiet else _show_warning,
-            info=None if quiet else lambda line: typer.echo(line, err=True),
-            threads=threads,
-            max_memory=max_memory,
-            device=dev,
             copy_tokenizer=copy_tokenizer,
             write_card=write_model_card,
             allow_crimes=allow_crimes,
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
         )
+        common: dict[str, Any] = {
+            "progress": not quiet,
+            "warn": None if quiet else _show_warning,
+            "info": None if quiet else _note_line,
+            "threads": threads,
+            "max_memory": max_memory,
+            "device": dev,
+        }
+        if isinstance(rec, Stages):
+            done = run_stages(
+                rec,
+                target,
+                intermediate_dir=intermediate_dir,
+                lazy=lazy,
+                overwrite=overwrite,
+                settings=settings,
+                report=None if quiet else _note_line,
+                **common,
+            )
+            return done.summary()
+        wrote = api.run(rec, target, overwrite=overwrite, **settings.run_options(), **common)
+        return f"wrote {wrote}"
 
     start = time.perf_counter()
-    target = _guard(go, quiet, opt.notices(ctx))
+    said = _guard(go, quiet, opt.notices(ctx))
     if not quiet:
-        typer.echo(f"wrote {target} in {time.perf_counter() - start:.2f} s", err=True)
+        typer.echo(f"{said} in {time.perf_counter() - start:.2f} s", err=True)
+
+
+def _note_line(line: str) -> None:
+    typer.echo(line, err=True)
 
 
 @app.command(add_help_option=False)
@@ -174,23 +203,33 @@ def validate(
     quiet: opt.QuietOpt = False,
     help: opt.HelpOpt = False,
 ) -> None:
-    """Check RECIPE and its models' headers without reading tensor data."""
+    """Check RECIPE and its models' headers without reading tensor data.
+
+    Every stage of a multi-stage RECIPE is checked, later ones against the plans of the
+    earlier ones."""
     from merge import api
+    from merge.build.multistage import Settings, plan_stages, stage_warnings, stages_summary
+    from merge.build.stages import Stages, load
     from merge.report import summary
 
-    def go() -> list[str]:
-        p = api.plan(
-            recipe,
+    def go() -> tuple[str, list[str]]:
+        rec = load(recipe)
+        settings = Settings(
             allow_crimes=allow_crimes,
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
         )
+        if isinstance(rec, Stages):
+            plans = plan_stages(rec, settings)
+            _warn(stage_warnings(plans), quiet)
+            return f", {len(plans)} stages", stages_summary(plans)
+        p = api.plan(rec, **settings.plan_options())
         _warn(p.warnings, quiet)
-        return summary(p)
+        return "", summary(p)[1:]
 
-    lines = _guard(go, quiet)
-    typer.echo(f"{recipe}: ok")
-    for line in lines[1:]:
+    head, lines = _guard(go, quiet)
+    typer.echo(f"{recipe}: ok{head}")
+    for line in lines:
         typer.echo(f"  {line}")
 
 
@@ -204,27 +243,39 @@ def plan(
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
+    intermediate_dir: opt.IntermediateDirOpt = None,
     as_json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
     help: opt.HelpOpt = False,
 ) -> None:
     """Print every output tensor of RECIPE: sources, method, parameters; and the peak memory.
 
-    The expected peak memory is that of the run under the budget (--threads, --max-memory)."""
+    The expected peak memory is that of the run under the budget (--threads, --max-memory).
+    A multi-stage RECIPE prints each stage's plan (--json: a list, one object per stage)."""
     from merge import api
+    from merge.build import multistage as ms
+    from merge.build.stagerun import stage_folders
+    from merge.build.stages import Stages, load
     from merge.execute import Resources
     from merge.report import plan_json, plan_text
 
     def go() -> Any:
         resources = Resources.resolve(threads, max_memory)
-        p = api.plan(
-            recipe,
+        rec = load(recipe)
+        settings = ms.Settings(
             seed=seed,
             shard_size=out_shard_size,
             allow_crimes=allow_crimes,
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
         )
+        if isinstance(rec, Stages):
+            plans = ms.plan_stages(rec, settings, stage_folders(rec, intermediate_dir))
+            _warn(ms.stage_warnings(plans, resources), quiet)
+            if as_json:
+                return json.dumps(ms.stages_plan_json(plans, resources), indent=2)
+            return ms.stages_plan_text(plans, resources)
+        p = api.plan(rec, **settings.plan_options())
         mem = api.memory(p, resources)
         _warn([*p.warnings, *mem.warnings()], quiet)
         if as_json:

@@ -150,6 +150,25 @@ DeviceOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, flag("--json", help="Print the plan as JSON.")]
+IntermediateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--intermediate-dir",
+        "-I",
+        metavar="DIR",
+        help="A multi-stage recipe's named stages are built in DIR/<name> "
+        "(default: ./<recipe stem>-stages).",
+        show_default=False,
+    ),
+]
+LazyOpt = Annotated[
+    bool,
+    flag(
+        "--lazy/--no-lazy",
+        help="Multi-stage recipes: skip the stages that are up to date (default); --no-lazy "
+        "rebuilds every stage.",
+    ),
+]
 
 # --- mergekit's options with the same meaning -----------------------------------------------
 
@@ -200,6 +219,17 @@ CacheOpt = Annotated[
         "--transformers-cache",
         metavar="DIR",
         help="Where downloaded models are stored (default: the Hugging Face cache).",
+        show_default=False,
+        rich_help_panel=MERGEKIT_PANEL,
+    ),
+]
+
+OutPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out-path",
+        metavar="PATH",
+        help="Same as OUT (mergekit-multi's name for it).",
         show_default=False,
         rich_help_panel=MERGEKIT_PANEL,
     ),

@@ -5,6 +5,8 @@ Design
 A reference is ``path[@revision][+adapter[@revision]]`` (mergekit's syntax). ``ModelRef.parse``
 only checks syntax; ``resolve`` decides what the text means, in this order:
 
+0. Inside ``stage_outputs`` (a multi-stage recipe's run or plan), a name of one of its stages:
+   that stage's output folder (or, while planning, its planned stand-in).
 1. ``base+adapter`` (LoRA): ``resolve_pair`` resolves both sides by the rules below and reports
    the failures of both together; ``resolve`` gives the base's folder (config and tokenizer
    come from it). ``merge.lora`` applies the adapter when the checkpoint is opened.
@@ -23,9 +25,12 @@ pin or record revisions (``merge.lock``), or read LoRA adapters (``merge.lora``)
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from merge.errors import SourceError
@@ -93,6 +98,22 @@ class ModelRef:
         )
 
 
+_STAGES: ContextVar[Mapping[str, Path]] = ContextVar(
+    "merge_stage_outputs", default=MappingProxyType({})
+)
+
+
+@contextmanager
+def stage_outputs(folders: Mapping[str, Path]) -> Iterator[None]:
+    """Inside the block a reference side whose path is a key (a stage name of a multi-stage
+    recipe, ``merge.build.stages``) resolves to that key's folder, before any other rule."""
+    token = _STAGES.set(dict(folders))
+    try:
+        yield
+    finally:
+        _STAGES.reset(token)
+
+
 def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:
     """Return the local folder holding ``ref``'s files, downloading Hub models if needed.
 
@@ -132,8 +153,16 @@ def locate_pair(
 def _resolve_one(
     ref: ModelRef, search_dirs: Sequence[Path], what: str, headers_only: bool = False
 ) -> Path | RemoteModel:
-    """One side of a reference: local folder first, then the Hub."""
-    local = _find_local(ref.path, search_dirs)
+    """One side of a reference: a stage's output (``stage_outputs``), a local folder, the Hub."""
+    stage = _STAGES.get().get(ref.path)
+    if stage is not None:
+        if ref.revision is not None:
+            raise SourceError(
+                f"{what} '{ref}': a revision (@{ref.revision}) applies only to Hub models, "
+                f"but '{ref.path}' is a stage of this recipe"
+            )
+        return stage
+    local = find_local(ref.path, search_dirs)
     if local is not None:
         if ref.revision is not None:
             raise SourceError(
@@ -141,7 +170,7 @@ def _resolve_one(
                 f"but '{ref.path}' is a local directory ({local})"
             )
         return local
-    if _must_be_local(ref.path):
+    if must_be_local(ref.path):
         raise SourceError(
             f"{what} '{ref}': local path not found{_looked_in(ref.path, search_dirs)}"
         )
@@ -157,7 +186,7 @@ def _resolve_one(
     )
 
 
-def _find_local(path: str, search_dirs: Sequence[Path]) -> Path | None:
+def find_local(path: str, search_dirs: Sequence[Path]) -> Path | None:
     """The first existing directory among CWD/path and dir/path for each search dir."""
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p, *(Path(d) / p for d in search_dirs)]
@@ -167,7 +196,8 @@ def _find_local(path: str, search_dirs: Sequence[Path]) -> Path | None:
     return None
 
 
-def _must_be_local(path: str) -> bool:
+def must_be_local(path: str) -> bool:
+    """Text that can only be a path (``./``, ``../``, ``/``, ``~``, or more than one ``/``)."""
     return path.startswith(LOCAL_PREFIXES) or path.count("/") > 1
 
 

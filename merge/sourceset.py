@@ -15,13 +15,20 @@ not in the cache as a ``merge.hub.RemoteCheckpoint``: small files in its cache s
 model's ``directory``), headers read from the Hub, ``remote`` set. ``with_weights`` downloads
 those weights and gives the models again, opened from the files and checked against the
 headers that were planned.
+
+Inside ``planned_checkpoints`` a folder that is a key is opened by its function instead of
+read from disk: a multi-stage recipe's planned stage output (``merge.build.multistage``), whose
+headers come from its plan because its tensors do not exist yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from merge.checkpoint import Checkpoint
@@ -50,6 +57,21 @@ class Model:
     checkpoint: Checkpoint | LoraCheckpoint
     adapter: Path | None = None
     remote: RemoteModel | None = None  # weights still on the Hub (``headers_only``)
+
+
+_PLANNED: ContextVar[Mapping[Path, Callable[[str], Checkpoint]]] = ContextVar(
+    "merge_planned_checkpoints", default=MappingProxyType({})
+)
+
+
+@contextmanager
+def planned_checkpoints(openers: Mapping[Path, Callable[[str], Checkpoint]]) -> Iterator[None]:
+    """Inside the block a model whose folder is a key is opened as ``openers[folder](label)``."""
+    token = _PLANNED.set(dict(openers))
+    try:
+        yield
+    finally:
+        _PLANNED.reset(token)
 
 
 def open_models(recipe: Recipe | MoeRecipe, *, headers_only: bool = False) -> dict[str, Model]:
@@ -81,7 +103,9 @@ def _open(text: str, recipe_dir: Path, headers_only: bool) -> Model:
     if isinstance(located, RemoteModel):
         directory, base = located.folder, RemoteCheckpoint.open_remote(located, label=text)
     else:
-        directory, base = located, Checkpoint.open(located, label=text)
+        directory = located
+        opener = _PLANNED.get().get(directory)
+        base = opener(text) if opener is not None else Checkpoint.open(directory, label=text)
     if adapter is None or ref.lora is None:
         return Model(text, directory, base, remote=remote)
     try:

@@ -4,8 +4,8 @@
 docs; ``tests/data/compat`` recipes as users write them. Their Hub ids resolve offline to tiny
 stand-ins (``tests/standins.py``) that keep what the recipes depend on: layer counts for
 ``layer_range`` and the real vocabulary quirks (WizardMath's extra ``[PAD]``, OpenHermes' ChatML
-tokens, Hermes-2-Pro's 32 added tokens). Multi-stage recipes (mergekit-multi) come with the
-reproducible-builds issue: expected to fail until then.
+tokens, Hermes-2-Pro's 32 added tokens). The multi-stage recipe (mergekit-multi) runs with its
+documented command, ``--intermediate-dir`` included.
 """
 
 from __future__ import annotations
@@ -143,30 +143,56 @@ def test_every_example_is_covered() -> None:
     assert len(RECIPES) == len(names) - len(NOT_RECIPES) + len(list(COMPAT.glob("*.yaml")))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="multi-stage recipes (mergekit-multi) come with the builds issue (#12)"
-)
+MULTI_IDS = [
+    "mistralai/Mistral-7B-v0.1",
+    "BioMistral/BioMistral-7B",
+    "NousResearch/Hermes-2-Pro-Mistral-7B",
+    "teknium/OpenHermes-2.5-Mistral-7B",
+]
+
+
 def test_multistage_recipe_runs(
     tmp_path: Path, standins: StandIns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """docs/multimerge.md's command, as ``merge run``: every stage, then an unchanged rerun."""
     recipe = EXAMPLES / "multimerge.yml"
-    ids = ["mistralai/Mistral-7B-v0.1", "BioMistral/BioMistral-7B"]
-    ids += ["NousResearch/Hermes-2-Pro-Mistral-7B", "teknium/OpenHermes-2.5-Mistral-7B"]
-    monkeypatch.setenv("HF_HUB_CACHE", str(standins.cache(*ids)))  # every stage's models
+    monkeypatch.setenv("HF_HUB_CACHE", str(standins.cache(*MULTI_IDS)))  # every stage's models
     monkeypatch.chdir(tmp_path)
-    code, stderr = cli("run", recipe, tmp_path / "out")
+    code, stderr = cli("run", recipe, tmp_path / "out", "--intermediate-dir", "intermediates")
     assert code == 0, stderr
-    assert_loads_and_generates(tmp_path / "out")
-
-
-def test_multistage_recipe_is_named_not_supported_yet() -> None:
-    recipe = EXAMPLES / "multimerge.yml"
-    code, stderr = cli("validate", recipe)
-    assert code == 2
-    assert stderr == (
-        f"error: {recipe}:9: a second YAML document: multi-stage recipes (mergekit-multi, one "
-        "stage per document) are not supported yet; run each stage as its own recipe\n"
+    assert "error" not in stderr
+    inter = tmp_path / "intermediates"
+    assert sorted(p.name for p in inter.iterdir()) == ["first-merge", "second-merge"]
+    # the stages mix vocabularies: Hermes-2-Pro's 32 added tokens leave the second stage
+    assert (
+        "warning: stage second-merge: vocabulary sizes differ (512 in model 'first-merge', "
+        "544 in model 'NousResearch/Hermes-2-Pro-Mistral-7B')" in stderr
     )
+    for out in (inter / "first-merge", inter / "second-merge", tmp_path / "out"):
+        assert_loads_and_generates(out)
+    code, stderr = cli("run", recipe, tmp_path / "out", "--intermediate-dir", "intermediates")
+    assert code == 0, stderr
+    assert stderr.splitlines()[:3] == [
+        f"stage first-merge: up to date ({inter / 'first-merge'})",
+        f"stage second-merge: up to date ({inter / 'second-merge'})",
+        f"final stage: up to date ({tmp_path / 'out'})",
+    ]
+
+
+def test_multistage_recipe_validates_every_stage(
+    standins: StandIns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = EXAMPLES / "multimerge.yml"
+    monkeypatch.setenv("HF_HUB_CACHE", str(standins.cache(*MULTI_IDS)))
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.stderr
+    heads = [line for line in result.stdout.splitlines() if not line.startswith("    ")]
+    assert heads == [
+        f"{recipe}: ok, 3 stages",
+        "  stage first-merge (line 2): linear",
+        "  stage second-merge (line 10): slerp",
+        "  final stage (line 18): dare_ties",
+    ]
 
 
 def test_evolve_config_is_named_not_supported_yet() -> None:

@@ -423,8 +423,8 @@ def test_tools_we_do_not_run_yet_are_named() -> None:
         merge_method: slerp
         """
     ) == [
-        "r.yaml:4: a second YAML document: multi-stage recipes (mergekit-multi, one stage per "
-        "document) are not supported yet; run each stage as its own recipe"
+        "r.yaml:4: a second YAML document: this is a multi-stage recipe (mergekit-multi, one "
+        "stage per document); load it with merge.build.stages"
     ]
 
 

@@ -3,7 +3,10 @@
 ``load_yaml(path)`` returns the plain Python data (as ``yaml.safe_load`` would) together with a
 ``Locator`` that maps a recipe path such as ``("models", 1, "parameters", "density")`` to its
 line in the file. Duplicate keys are an error here, because PyYAML silently keeps the last one.
-It does not validate anything else: that is the schema's job.
+A file of several documents (``---`` between them: a multi-stage recipe, ``merge.build.stages``)
+is read by ``parse_documents``, one ``Document`` each, with the file's line numbers, so every
+message about a stage names its line in the file. ``parse_yaml`` reads one recipe and says so
+when a second document follows. It does not validate anything else: that is the schema's job.
 """
 
 from __future__ import annotations
@@ -78,52 +81,92 @@ def _walk(node: yaml.Node, path: PathKey, loc: Locator, problems: list[str]) -> 
             _walk(item, path + (i,), loc, problems)
 
 
-def _single_document(text: str, file: str) -> None:
-    """Several YAML documents (``---`` between them) are a mergekit-multi recipe: one stage
-    per document. Say so, naming the line where the second document starts."""
+@dataclass(frozen=True)
+class Document:
+    """One YAML document of a file: its data, a Locator with the file's line numbers, its own
+    text (the file's lines from its ``---`` to the next one), the line where that text starts
+    and the line of its first value (1-based)."""
+
+    data: Any
+    loc: Locator
+    text: str
+    start: int
+    line: int
+
+
+def _starts(text: str) -> list[int]:
+    """The 0-based line where each document's text begins: 0 for the first, then the line of
+    each later document's start (its ``---``)."""
     starts = [
-        event.start_mark.line + 1 if event.start_mark else 0
+        event.start_mark.line
         for event in yaml.parse(text, Loader=yaml.SafeLoader)
-        if isinstance(event, yaml.DocumentStartEvent)
+        if isinstance(event, yaml.DocumentStartEvent) and event.start_mark is not None
     ]
-    if len(starts) > 1:
-        raise RecipeError(
-            f"{file}:{starts[1]}: a second YAML document: multi-stage recipes (mergekit-multi, "
-            f"one stage per document) are not supported yet; run each stage as its own recipe"
-        )
+    return [0, *starts[1:]] if starts else []
 
 
-def parse_yaml(text: str, file: str) -> tuple[Any, Locator]:
-    """Parse YAML text; raise RecipeError with the file and line on a syntax error."""
-    loc = Locator(file)
-    try:
-        _single_document(text, file)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
+def _yaml_error(e: yaml.YAMLError, file: str) -> RecipeError:
+    if isinstance(e, yaml.MarkedYAMLError):
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
         what = " ".join(str(p) for p in (e.context, e.problem) if p)
-        raise RecipeError(f"{file}{line}: not valid YAML: {what}") from None
+        return RecipeError(f"{file}{line}: not valid YAML: {what}")
+    return RecipeError(f"{file}: not valid YAML: {e}")
+
+
+def parse_documents(text: str, file: str) -> list[Document]:
+    """Every document of YAML text that holds something (an empty one, or one of comments
+    only, is left out); RecipeError with the file and line on a syntax error or duplicate key."""
+    try:
+        starts = _starts(text)
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        datas = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
-        raise RecipeError(f"{file}: not valid YAML: {e}") from None
+        raise _yaml_error(e, file) from None
+    lines = text.splitlines(keepends=True)
+    bounds = [*starts, len(lines)]
+    docs: list[Document] = []
     problems: list[str] = []
-    if node is not None:
+    for i, (node, data) in enumerate(zip(nodes, datas, strict=True)):
+        if data is None:
+            continue
+        loc = Locator(file)
         _walk(node, (), loc, problems)
+        own = "".join(lines[bounds[i] : bounds[i + 1]])
+        docs.append(Document(data, loc, own, bounds[i] + 1, node.start_mark.line + 1))
     if problems:
         raise RecipeError(problems)
-    return data, loc
+    return docs
 
 
-def load_yaml(path: Path) -> tuple[Any, Locator, str]:
-    """Read and parse a recipe file: (data, locator, original text)."""
+def parse_yaml(text: str, file: str) -> tuple[Any, Locator]:
+    """Parse one recipe's YAML text; raise RecipeError with the file and line on a syntax
+    error, and on a second document (a multi-stage recipe: ``merge.build.stages``)."""
+    docs = parse_documents(text, file)
+    if len(docs) > 1:
+        raise RecipeError(
+            f"{file}:{docs[1].start}: a second YAML document: this is a multi-stage recipe "
+            f"(mergekit-multi, one stage per document); load it with merge.build.stages"
+        )
+    if not docs:
+        return None, Locator(file)
+    return docs[0].data, docs[0].loc
+
+
+def read_text(path: Path) -> str:
+    """A recipe file's text; RecipeError when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe not found") from None
     except IsADirectoryError:
         raise RecipeError(f"{path}: is a directory, expected a recipe file (.yaml)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read recipe: {e}") from None
+
+
+def load_yaml(path: Path) -> tuple[Any, Locator, str]:
+    """Read and parse a recipe file: (data, locator, original text)."""
+    text = read_text(path)
     data, loc = parse_yaml(text, str(path))
     return data, loc, text
