@@ -2,9 +2,11 @@
 
 - ``download``: fetch what a merge needs into the HF cache (``download_model``), the per-run
   reachability probe (``hub_run``), and the mapping of client failures to one-line errors.
+- ``meta``: what a lock asks: a revision's commit and that commit's files with size and, for
+  LFS files, sha256 (``remote_snapshot``), without downloading weights.
 
-Later parts (header-only remote planning, file metadata for locks, publishing) are modules of
-this package too; callers import from ``merge.hub``.
+Later parts (header-only remote planning, publishing) are modules of this package too;
+callers import from ``merge.hub``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ from merge.hub.download import (
     probe_timeout,
     select_files,
 )
+from merge.hub.meta import RemoteFile, RemoteSnapshot, fetch_files, remote_snapshot
 
 __all__ = [
     "NEEDED_FILES",
     "HubUnreachableError",
+    "RemoteFile",
+    "RemoteSnapshot",
     "download_model",
+    "fetch_files",
     "hub_cache_dir",
     "hub_endpoint",
     "hub_run",
     "offline_reason",
     "probe_hub",
     "probe_timeout",
+    "remote_snapshot",
     "select_files",
 ]

@@ -250,7 +250,10 @@ def _from_cache(
     folder = cached(["config.json", "adapter_config.json"])  # locates the snapshot
     files = select_files(p.name for p in folder.iterdir() if p.is_file())
     if not files:
-        raise SourceError(f"model '{label}': the cached snapshot {folder} has no weights")
+        raise SourceError(
+            f"model '{label}': the cached snapshot {folder} has no weights and {reason}; "
+            f"{next_step}"
+        )
     return cached(files)  # checks the chosen files against the cached repo listing, if any
 
 
