@@ -13,14 +13,22 @@ only checks syntax; ``resolve`` decides what the text means, in this order:
    or more than one ``/``) and does not exist is an error, never a Hub lookup.
 3. A Hub id ``org/name``: handed to ``merge.hub.download_model`` (the only Hub code).
 
+Inside ``pinned({(repo, revision): Pin(commit, where)})`` (a ContextVar, so threads and nested
+runs do not leak into each other) a Hub reference whose ``(repo, revision)`` is pinned is
+downloaded at the locked commit instead of its branch or tag; offline, the cached snapshot of
+that commit is used. ``merge.build.locked`` sets the pins from a lock file; a failure names
+the lock entry (``where``).
+
 What this module does not do: read checkpoints (``merge.checkpoint``), talk to the Hub itself,
-pin or record revisions (``merge.lock``), or read LoRA adapters (``merge.lora``).
+write or check lock files (``merge.build``), or read LoRA adapters (``merge.lora``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +94,29 @@ class ModelRef:
         )
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A locked Hub reference: the commit to use, and the lock entry that says so
+    (``ties.lock:9``) for messages."""
+
+    commit: str
+    where: str
+
+
+Pins = Mapping[tuple[str, str | None], Pin]  # (repo id, revision as written) -> pin
+_PINS: ContextVar[Pins | None] = ContextVar("merge_pins", default=None)
+
+
+@contextmanager
+def pinned(pins: Pins) -> Iterator[None]:
+    """Within the block, each pinned Hub reference resolves to its locked commit."""
+    token = _PINS.set(dict(pins))
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
+
+
 def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:
     """Return the local folder holding ``ref``'s files, downloading Hub models if needed.
 
@@ -114,7 +145,28 @@ def resolve_pair(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> tuple[Pa
 
 
 def _resolve_one(ref: ModelRef, search_dirs: Sequence[Path], what: str) -> Path:
-    """One side of a reference: local folder first, then the Hub."""
+    """One side of a reference: local folder first, then the Hub (at its pin, if any)."""
+    local = local_folder(ref, search_dirs, what)
+    if local is not None:
+        return local
+    from merge.hub import download_model
+
+    pin = (_PINS.get() or {}).get((ref.path, ref.revision))
+    if pin is None:
+        return download_model(ref.path, ref.revision)
+    try:
+        return download_model(ref.path, pin.commit)
+    except SourceError as e:
+        label = f"model '{ref.path}@{pin.commit}': "
+        raise SourceError(
+            f"{what} '{ref}' (locked in {pin.where} at {pin.commit[:12]}): {p.removeprefix(label)}"
+            for p in e.problems
+        ) from e
+
+
+def local_folder(ref: ModelRef, search_dirs: Sequence[Path], what: str = "model") -> Path | None:
+    """The local folder one side of a reference names, or None when it is a Hub id; a
+    SourceError when it is neither (or a local folder with a revision)."""
     local = _find_local(ref.path, search_dirs)
     if local is not None:
         if ref.revision is not None:
@@ -128,9 +180,7 @@ def _resolve_one(ref: ModelRef, search_dirs: Sequence[Path], what: str) -> Path:
             f"{what} '{ref}': local path not found{_looked_in(ref.path, search_dirs)}"
         )
     if ref.is_hub:
-        from merge.hub import download_model
-
-        return download_model(ref.path, ref.revision)
+        return None
     raise SourceError(
         f"{what} '{ref}': not a local directory{_looked_in(ref.path, search_dirs)} and not a "
         f"Hugging Face repo id; use a {what} folder path or 'org/name' (optionally '@revision')"
