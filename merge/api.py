@@ -4,6 +4,11 @@ Each phase raises a ``MergeError`` subclass listing all of its problems. ``run``
 a temporary sibling of the output directory and renames it into place only when everything
 succeeded, so a failed run leaves nothing behind and never touches an existing output.
 
+When a lock (``<stem>.lock``, ``merge.build.lockfile``) lies beside the recipe, every phase
+resolves the Hub models at their locked commits (``merge.build.locked``); ``run(locked=True)``
+also requires the lock, a recipe that matches it and inputs whose content is what it records,
+all checked before any plan or output, and records the lock's sha256 in the manifest.
+
 MoE recipes (``merge.moe``) take the same path with their own planner; ``run`` computes their
 router gates after planning and before opening the output, prints the routing report through
 ``info`` and writes it into the model card.
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge import __version__
+from merge.build.locked import LockUse, use_lock
 from merge.build.manifest import InputHashes, make_manifest, write_manifest
 from merge.card import model_card
 from merge.errors import OutputError
@@ -30,6 +36,7 @@ from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.settings import applied, device_name
+from merge.sources import pinned
 from merge.sourceset import close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
 from merge.writer import MIN_SHARD_BYTES, parse_size
@@ -67,22 +74,30 @@ def planned(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    lock: LockUse | None = None,
 ) -> Iterator[Plan]:
     """Load, resolve and plan a recipe; the models stay open inside the ``with`` block, and
-    the settings (``merge.settings.applied``) hold there too."""
+    the settings (``merge.settings.applied``) hold there too. With ``lock``, Hub models
+    resolve to its commits, the resolved models are checked against it (``--locked``) and its
+    warnings come first among the plan's."""
     shard_bytes = _shard_bytes(shard_size)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
-    with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir):
+    pins = lock.pins() if lock is not None else {}
+    with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir), pinned(pins):
         models = open_models(rec)
         try:
+            if lock is not None:
+                lock.check(models)
             if isinstance(rec, MoeRecipe):
                 from merge.moe.plan import make_moe_plan
 
-                yield make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
+                p = make_moe_plan(rec, models, seed=seed, shard_bytes=shard_bytes)
             else:
-                yield make_plan(
+                p = make_plan(
                     rec, models, seed=seed, shard_bytes=shard_bytes, allow_crimes=allow_crimes
                 )
+            p.warnings[:0] = lock.warnings if lock is not None else []
+            yield p
         finally:
             close_models(models)
 
@@ -97,13 +112,15 @@ def plan(
     cache_dir: str | Path | None = None,
 ) -> Plan:
     """The checked plan of a recipe (reads headers only); the keywords as for ``run``."""
+    rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     with planned(
-        recipe,
+        rec,
         seed=seed,
         shard_size=shard_size,
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
+        lock=use_lock([rec], rec.file),
     ) as p:
         return p
 
@@ -241,6 +258,7 @@ def run(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    locked: bool = False,
     lock_sha256: str | None = None,
     build_key: str | None = None,
 ) -> Path:
@@ -252,11 +270,16 @@ def run(
     recipe tokenizer setting built them) and README.md; ``allow_crimes`` merges models of
     different architectures; ``trust_remote_code`` lets transformers run the models' code;
     ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE`` etc.).
-    ``lock_sha256`` (the lock the inputs were resolved from) and ``build_key`` (a multi-stage
-    build's key) are recorded in the output's ``merge-manifest.json``."""
+    The recipe's lock, when there is one, pins the Hub models; ``locked`` makes a missing lock,
+    a recipe changed since it was locked or an input that differs from it an error (nothing
+    written). ``lock_sha256`` (the lock the inputs were resolved from; default: the sha256 of
+    the lock used) and ``build_key`` (a multi-stage build's key) are recorded in the output's
+    ``merge-manifest.json``."""
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
+    lock = use_lock([rec], rec.file, locked=locked)
+    lock_sha256 = lock_sha256 or (lock.sha256 if lock is not None else None)
     with planned(
         rec,
         seed=seed,
@@ -264,6 +287,7 @@ def run(
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
+        lock=lock,
     ) as p:
         if warn is not None:
             for w in [*p.warnings, *memory(p, resources).warnings(), *_dropped(p, copy_tokenizer)]:
