@@ -113,6 +113,7 @@ def run(
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
+    locked: opt.LockedOpt = False,
     quiet: opt.QuietOpt = False,
     # mergekit's options with no effect: each given one leaves its notice (opt.notices)
     lazy_unpickle: opt.LazyUnpickle = None,
@@ -157,6 +158,7 @@ def run(
             allow_crimes=allow_crimes,
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
+            locked=locked,
         )
 
     start = time.perf_counter()
@@ -250,10 +252,52 @@ def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = 
             typer.echo(f"{out}: ok, {verdict.checked} files match the manifest", err=True)
         return
     if not quiet:
-        typer.echo(
-            f"{out}: {len(verdict.problems)} problems against the manifest", err=True
-        )
+        typer.echo(f"{out}: {len(verdict.problems)} problems against the manifest", err=True)
     raise typer.Exit(1)
+
+
+@app.command(add_help_option=False)
+def lock(
+    recipe: opt.RecipeArg,
+    models: opt.ModelsArg = None,
+    update: opt.UpdateOpt = False,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
+    """Write RECIPE's lock file (<stem>.lock): each model's commit and its files' sha256.
+
+    An existing lock keeps its entries; only new models are resolved, unless --update.
+
+    Hub files are described by the Hub's metadata: no weight is downloaded."""
+    from merge.build.lock import lock_recipe
+
+    result = _guard(lambda: lock_recipe(recipe, models or (), update=update), quiet)
+    for change in result.changes:
+        typer.echo(change.line())
+    if not quiet:
+        typer.echo(f"wrote {result.lock.path}", err=True)
+
+
+@app.command(add_help_option=False)
+def outdated(
+    recipe: opt.RecipeArg,
+    as_json: opt.OutdatedJsonOpt = False,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
+    """Compare RECIPE's lock with upstream now: which models moved, which files changed.
+
+    Exit 0 when nothing moved, 1 when something did, 2 on an error (no lock, offline...)."""
+    from merge.build.outdated import outdated as compare
+
+    result = _guard(lambda: compare(recipe), quiet)
+    _warn(result.warnings, quiet)
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        typer.echo("\n".join(result.lines()))
+    if result.moved:
+        raise typer.Exit(1)
 
 
 @app.command(add_help_option=False)
