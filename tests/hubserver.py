@@ -8,7 +8,8 @@ huggingface_hub client against it (``HF_ENDPOINT=server.endpoint``, ``HF_HUB_DIS
 A revision key is a branch/tag name or a 40-hex commit sha; a name gets a deterministic sha
 (``commit_sha(repo, name)``), and every revision can also be asked for by its sha. Every
 request is recorded in ``.requests`` as ``(method, path)``; ``.fetched()`` lists the files whose
-bytes were sent. ``use_endpoint(monkeypatch, endpoint, cache)`` undoes the session's offline
+bytes were sent. ``.push(repo, folder, branch)`` makes a new commit while the server runs.
+``use_endpoint(monkeypatch, endpoint, cache)`` undoes the session's offline
 setup for one test and points the client at ``endpoint`` (a server's, or one that cannot be
 reached).
 
@@ -127,6 +128,17 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+    def push(self, repo_id: str, folder: Path, branch: str = "main") -> str:
+        """A new commit on ``branch`` of ``repo_id`` (a new repo or branch too) whose files are
+        ``folder``'s, while the server runs; earlier commits stay reachable by sha, as on the
+        Hub. Returns the new commit's sha."""
+        with self._lock:
+            revs = self.repos.setdefault(repo_id, {})
+            sha = hashlib.sha1(f"{repo_id}@{branch}#{len(revs)}".encode()).hexdigest()
+            revs[sha] = Path(folder)
+            self.names.setdefault(repo_id, {})[branch] = sha
+        return sha
 
     def fetched(self, repo_id: str | None = None) -> set[str]:
         """Files (repo paths) whose content was sent by ``GET .../resolve/...``."""
