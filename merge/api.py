@@ -11,6 +11,12 @@ the disk space's included, before it downloads any weight, then downloads them (
 bars), opens the models again from the files and plans again (a plan is cheap), so that
 execution reads real files.
 
+When a lock (``<stem>.lock``, ``merge.build.lockfile``) lies beside the recipe, every phase
+resolves the Hub models at their locked commits (``merge.build.locked``); ``run(locked=True)``
+also requires the lock, a recipe that matches it and inputs whose content is what it records,
+all checked before any output (Hub weights once downloaded, before any tensor is computed),
+and records the lock's sha256 in the manifest.
+
 MoE recipes (``merge.moe``) take the same path with their own planner; ``run`` computes their
 router gates after planning and before opening the output, prints the routing report through
 ``info`` and writes it into the model card.
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge import __version__
+from merge.build.locked import LockUse, use_lock
 from merge.build.manifest import InputHashes, make_manifest, write_manifest
 from merge.card import model_card
 from merge.errors import OutputError
@@ -38,6 +45,7 @@ from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.settings import applied, device_name
+from merge.sources import pinned
 from merge.sourceset import (
     Model,
     close_models,
@@ -82,17 +90,25 @@ def planned(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    lock: LockUse | None = None,
 ) -> Iterator[Plan]:
     """Load, resolve and plan a recipe; the models stay open inside the ``with`` block, and
     the settings (``merge.settings.applied``) hold there too. Hub models whose weights are not
     in the cache are planned from their headers and cannot be read (``Model.remote`` is set):
-    ``run`` downloads them after the plan passed."""
+    ``run`` downloads them after the plan passed. With ``lock``, Hub models resolve to its
+    commits, the models on disk are checked against it (``--locked``; the others once
+    downloaded, by ``run``) and its warnings come first among the plan's."""
     nbytes = shard_bytes(shard_size)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
-    with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir):
+    pins = lock.pins() if lock is not None else {}
+    with applied(trust_remote_code=trust_remote_code, cache_dir=cache_dir), pinned(pins):
         models = open_models(rec, headers_only=True)
         try:
-            yield _make_plan(rec, models, seed, nbytes, allow_crimes)
+            if lock is not None:
+                lock.check({ref: m for ref, m in models.items() if m.remote is None})
+            p = _make_plan(rec, models, seed, nbytes, allow_crimes)
+            p.warnings[:0] = lock.warnings if lock is not None else []
+            yield p
         finally:
             close_models(models)
 
@@ -135,15 +151,20 @@ def plan(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    lock: LockUse | None = None,
 ) -> Plan:
-    """The checked plan of a recipe (reads headers only); the keywords as for ``run``."""
+    """The checked plan of a recipe (reads headers only); the keywords as for ``run``. The
+    recipe's lock, when there is one (or ``lock``, a multi-stage build's), pins its Hub
+    models."""
+    rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     with planned(
-        recipe,
+        rec,
         seed=seed,
         shard_size=shard_size,
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
+        lock=lock if lock is not None else use_lock([rec], rec.file),
     ) as p:
         return p
 
@@ -286,6 +307,8 @@ def run(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    locked: bool = False,
+    lock: LockUse | None = None,
     lock_sha256: str | None = None,
     build_key: str | None = None,
 ) -> Path:
@@ -298,14 +321,22 @@ def run(
     recipe tokenizer setting built them) and README.md; ``allow_crimes`` merges models of
     different architectures; ``trust_remote_code`` lets transformers run the models' code;
     ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE`` etc.).
-    ``lock_sha256`` (the lock the inputs were resolved from) and ``build_key`` (a multi-stage
+    The recipe's lock, when there is one (or ``lock``, a multi-stage build's), pins the Hub
+    models; ``locked`` makes a missing lock, a recipe changed since it was locked or an input
+    that differs from it an error (nothing written). ``lock_sha256`` (the lock the inputs were
+    resolved from; default: the sha256 of the lock used) and ``build_key`` (a multi-stage
     build's key) are recorded in the output's ``merge-manifest.json``."""
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
     nbytes = shard_bytes(shard_size)
+    if lock is None:
+        lock = use_lock([rec], rec.file, locked=locked)
+    lock_sha256 = lock_sha256 or (lock.sha256 if lock is not None else None)
 
     def again(models: dict[str, Model]) -> Plan:
+        if lock is not None:
+            lock.check(models)
         return _make_plan(rec, models, seed, nbytes, allow_crimes)
 
     with planned(
@@ -315,6 +346,7 @@ def run(
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
+        lock=lock,
     ) as first:
         if warn is not None:
             mem = memory(first, resources)

@@ -112,6 +112,7 @@ def run(
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
+    locked: opt.LockedOpt = False,
     intermediate_dir: opt.IntermediateDirOpt = None,
     lazy: opt.LazyOpt = True,
     out_path: opt.OutPathOpt = None,
@@ -160,6 +161,7 @@ def run(
             allow_crimes=allow_crimes,
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
+            locked=locked,
         )
         common: dict[str, Any] = {
             "progress": not quiet,
@@ -303,6 +305,50 @@ def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = 
     if not quiet:
         typer.echo(f"{out}: {len(verdict.problems)} problems against the manifest", err=True)
     raise typer.Exit(1)
+
+
+@app.command(add_help_option=False)
+def lock(
+    recipe: opt.RecipeArg,
+    models: opt.ModelsArg = None,
+    update: opt.UpdateOpt = False,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
+    """Write RECIPE's lock file (<stem>.lock): each model's commit and its files' sha256.
+
+    An existing lock keeps its entries; only new models are resolved, unless --update.
+
+    Hub files are described by the Hub's metadata: no weight is downloaded."""
+    from merge.build.lock import lock_recipe
+
+    result = _guard(lambda: lock_recipe(recipe, models or (), update=update), quiet)
+    for change in result.changes:
+        typer.echo(change.line())
+    if not quiet:
+        typer.echo(f"wrote {result.lock.path}", err=True)
+
+
+@app.command(add_help_option=False)
+def outdated(
+    recipe: opt.RecipeArg,
+    as_json: opt.OutdatedJsonOpt = False,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
+    """Compare RECIPE's lock with upstream now: which models moved, which files changed.
+
+    Exit 0 when nothing moved, 1 when something did, 2 on an error (no lock, offline...)."""
+    from merge.build.outdated import outdated as compare
+
+    result = _guard(lambda: compare(recipe), quiet)
+    _warn(result.warnings, quiet)
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        typer.echo("\n".join(result.lines()))
+    if result.moved:
+        raise typer.Exit(1)
 
 
 @app.command(add_help_option=False)

@@ -169,6 +169,31 @@ LazyOpt = Annotated[
         "rebuilds every stage.",
     ),
 ]
+LockedOpt = Annotated[
+    bool,
+    flag(
+        "--locked",
+        help="Require RECIPE's lock file, a recipe that matches it and inputs as it records "
+        "them; else an error, nothing written.",
+    ),
+]
+ModelsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="MODEL",
+        help="With --update: refresh only these models (a reference as the recipe writes it, "
+        "or a repo id or path for all its revisions).",
+        show_default=False,
+    ),
+]
+UpdateOpt = Annotated[
+    bool,
+    flag(
+        "--update",
+        help="Resolve the models again (all, or the MODELs) instead of keeping locked entries.",
+    ),
+]
+OutdatedJsonOpt = Annotated[bool, flag("--json", help="Print the comparison as JSON.")]
 
 # --- mergekit's options with the same meaning -----------------------------------------------
 

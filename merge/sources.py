@@ -18,8 +18,14 @@ only checks syntax; ``resolve`` decides what the text means, in this order:
    not in the cache then comes back as a ``merge.hub.RemoteModel`` (small files in the cache,
    weights still on the Hub). An adapter is small and is always downloaded.
 
+Inside ``pinned({(repo, revision): Pin(commit, where)})`` (a ContextVar, so threads and nested
+runs do not leak into each other) a Hub reference whose ``(repo, revision)`` is pinned is
+downloaded at the locked commit instead of its branch or tag; offline, the cached snapshot of
+that commit is used. ``merge.build.locked`` sets the pins from a lock file; a failure names
+the lock entry (``where``).
+
 What this module does not do: read checkpoints (``merge.checkpoint``), talk to the Hub itself,
-pin or record revisions (``merge.lock``), or read LoRA adapters (``merge.lora``).
+write or check lock files (``merge.build``), or read LoRA adapters (``merge.lora``).
 """
 
 from __future__ import annotations
@@ -114,6 +120,29 @@ def stage_outputs(folders: Mapping[str, Path]) -> Iterator[None]:
         _STAGES.reset(token)
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A locked Hub reference: the commit to use, and the lock entry that says so
+    (``ties.lock:9``) for messages."""
+
+    commit: str
+    where: str
+
+
+Pins = Mapping[tuple[str, str | None], Pin]  # (repo id, revision as written) -> pin
+_PINS: ContextVar[Pins | None] = ContextVar("merge_pins", default=None)
+
+
+@contextmanager
+def pinned(pins: Pins) -> Iterator[None]:
+    """Within the block, each pinned Hub reference resolves to its locked commit."""
+    token = _PINS.set(dict(pins))
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
+
+
 def resolve(ref: ModelRef, *, search_dirs: Sequence[Path] = ()) -> Path:
     """Return the local folder holding ``ref``'s files, downloading Hub models if needed.
 
@@ -153,7 +182,8 @@ def locate_pair(
 def _resolve_one(
     ref: ModelRef, search_dirs: Sequence[Path], what: str, headers_only: bool = False
 ) -> Path | RemoteModel:
-    """One side of a reference: a stage's output (``stage_outputs``), a local folder, the Hub."""
+    """One side of a reference: a stage's output (``stage_outputs``), a local folder, the Hub
+    (at its pin, if any)."""
     stage = _STAGES.get().get(ref.path)
     if stage is not None:
         if ref.revision is not None:
@@ -162,6 +192,28 @@ def _resolve_one(
                 f"but '{ref.path}' is a stage of this recipe"
             )
         return stage
+    local = local_folder(ref, search_dirs, what)
+    if local is not None:
+        return local
+    from merge import hub
+
+    fetch = hub.locate_model if headers_only else hub.download_model
+    pin = (_PINS.get() or {}).get((ref.path, ref.revision))
+    if pin is None:
+        return fetch(ref.path, ref.revision)
+    try:
+        return fetch(ref.path, pin.commit)
+    except SourceError as e:
+        label = f"model '{ref.path}@{pin.commit}': "
+        raise SourceError(
+            f"{what} '{ref}' (locked in {pin.where} at {pin.commit[:12]}): {p.removeprefix(label)}"
+            for p in e.problems
+        ) from e
+
+
+def local_folder(ref: ModelRef, search_dirs: Sequence[Path], what: str = "model") -> Path | None:
+    """The local folder one side of a reference names, or None when it is a Hub id; a
+    SourceError when it is neither (or a local folder with a revision)."""
     local = find_local(ref.path, search_dirs)
     if local is not None:
         if ref.revision is not None:
@@ -175,11 +227,7 @@ def _resolve_one(
             f"{what} '{ref}': local path not found{_looked_in(ref.path, search_dirs)}"
         )
     if ref.is_hub:
-        from merge import hub
-
-        if headers_only:
-            return hub.locate_model(ref.path, ref.revision)
-        return hub.download_model(ref.path, ref.revision)
+        return None
     raise SourceError(
         f"{what} '{ref}': not a local directory{_looked_in(ref.path, search_dirs)} and not a "
         f"Hugging Face repo id; use a {what} folder path or 'org/name' (optionally '@revision')"

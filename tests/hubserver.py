@@ -11,6 +11,7 @@ request is recorded in ``.requests`` as ``(method, path)``; ``.fetched()`` lists
 bytes were sent, whole or in part. Every answer is also recorded in ``.log`` as a ``Served``
 (method, path, the request's ``Range`` header, status, body bytes sent): ``.fetched_whole()``
 lists the files sent whole, ``.bytes_served(suffix)`` counts the bytes of files sent.
+``.push(repo, folder, branch)`` makes a new commit while the server runs.
 ``use_endpoint(monkeypatch, endpoint, cache)`` undoes the session's offline setup for one test
 and points the client at ``endpoint`` (a server's, or one that cannot be reached).
 
@@ -159,6 +160,17 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+    def push(self, repo_id: str, folder: Path, branch: str = "main") -> str:
+        """A new commit on ``branch`` of ``repo_id`` (a new repo or branch too) whose files are
+        ``folder``'s, while the server runs; earlier commits stay reachable by sha, as on the
+        Hub. Returns the new commit's sha."""
+        with self._lock:
+            revs = self.repos.setdefault(repo_id, {})
+            sha = hashlib.sha1(f"{repo_id}@{branch}#{len(revs)}".encode()).hexdigest()
+            revs[sha] = Path(folder)
+            self.names.setdefault(repo_id, {})[branch] = sha
+        return sha
 
     def fetched(self, repo_id: str | None = None) -> set[str]:
         """Files (repo paths) whose content was sent by ``GET .../resolve/...``."""

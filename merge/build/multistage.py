@@ -38,6 +38,7 @@ from typing import Any
 from merge import __version__
 from merge.api import memory, plan, shard_bytes, write_extras
 from merge.build.inputs import identify
+from merge.build.locked import LockUse, use_lock
 from merge.build.stages import Stage, Stages
 from merge.checkpoint import Checkpoint, TensorInfo
 from merge.errors import CheckpointError, MergeError, PlanError
@@ -59,6 +60,7 @@ class Settings:
     allow_crimes: bool = False
     trust_remote_code: bool = False
     cache_dir: str | Path | None = None
+    locked: bool = False  # --locked: the lock must exist and match (merge.build.locked)
 
     def plan_options(self) -> dict[str, Any]:
         """The keywords of ``merge.api.plan``."""
@@ -76,6 +78,7 @@ class Settings:
             **self.plan_options(),
             "copy_tokenizer": self.copy_tokenizer,
             "write_card": self.write_card,
+            "locked": self.locked,
         }
 
     def key_options(self) -> dict[str, Any]:
@@ -120,12 +123,23 @@ class PlannedOutput(Checkpoint):
         return self.read(name)
 
 
+def stages_lock(stages: Stages, settings: Settings) -> LockUse | None:
+    """The lock of a multi-stage file, over every stage (stage names are not locked)."""
+    return use_lock(stages.recipes(), stages.file, locked=settings.locked, internal=stages.names)
+
+
 def plan_stages(
-    stages: Stages, settings: Settings, folders: Mapping[str, Path] | None = None
+    stages: Stages,
+    settings: Settings,
+    folders: Mapping[str, Path] | None = None,
+    lock: LockUse | None = None,
 ) -> list[StagePlan]:
     """Plan every stage (see the module docstring); raise every stage's problems together.
-    ``folders`` (stage name -> where the run builds it) is what the plans show."""
+    ``folders`` (stage name -> where the run builds it) is what the plans show; ``lock``
+    (default: the file's, ``stages_lock``) pins the Hub models of every stage."""
     settings.key_options()  # a bad option once, before any stage
+    if lock is None:
+        lock = stages_lock(stages, settings)
     plans: list[StagePlan] = []
     problems: list[str] = []
     kinds: list[type[MergeError]] = []
@@ -137,7 +151,7 @@ def plan_stages(
                 continue  # an earlier stage failed: its problems say why
             try:
                 with stage_outputs(standins), planned_checkpoints(openers):
-                    p = _plan(stage, settings)
+                    p = plan(stage.recipe, **settings.plan_options(), lock=lock)
             except MergeError as e:
                 problems.extend(_located(stage, stages.file, line) for line in e.problems)
                 kinds.append(type(e))
@@ -160,10 +174,6 @@ def _opener(folder: Path, p: Plan) -> Callable[[str], Checkpoint]:
         return PlannedOutput(folder, label, p)
 
     return open_planned
-
-
-def _plan(stage: Stage, settings: Settings) -> Plan:
-    return plan(stage.recipe, **settings.plan_options())
 
 
 def _stand_in(p: Plan, folder: Path, settings: Settings) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from merge.api import default_output, run
 from merge.build.manifest import MANIFEST_NAME, read_manifest
-from merge.build.multistage import Settings, StagePlan, plan_stages, stage_keys
+from merge.build.multistage import Settings, StagePlan, plan_stages, stage_keys, stages_lock
 from merge.build.stages import Stages
 from merge.errors import BuildError, OutputError
 from merge.outdir import check_output_location
@@ -101,7 +101,8 @@ def run_stages(
     settings = settings or Settings()
     target = Path(out) if out is not None else default_output(stages.file)
     folders = stage_folders(stages, intermediate_dir)
-    plans = plan_stages(stages, settings, folders)
+    lock = stages_lock(stages, settings)
+    plans = plan_stages(stages, settings, folders, lock)
     keys = stage_keys(plans, settings)
     steps = [_step(sp, target, folders, keys, lazy) for sp in plans]
     _check_outputs(steps, target, folders, overwrite)
@@ -114,7 +115,7 @@ def run_stages(
                 report(f"{label}: up to date ({step.out})")
             continue
         start = time.perf_counter()
-        _build(step, folders, settings, overwrite, warn, run_options)
+        _build(step, folders, settings, overwrite, warn, {**run_options, "lock": lock})
         done.built.append(label)
         if report is not None:
             report(f"{label}: built {step.out} in {time.perf_counter() - start:.2f} s")

@@ -5,9 +5,10 @@
 - ``remote``: plan a Hub model from its small files and its shards' headers (HTTP Range
   reads), without downloading its weights (``locate_model``, ``RemoteCheckpoint``); download
   them once the plan passed (``download_weights``, ``check_downloaded``).
+- ``meta``: what a lock asks: a revision's commit and that commit's files with size and, for
+  LFS files, sha256 (``remote_snapshot``), without downloading weights.
 
-Later parts (file metadata for locks, publishing) are modules of this package too; callers
-import from ``merge.hub``.
+Publishing will be a module of this package too; callers import from ``merge.hub``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from merge.hub.download import (
     probe_timeout,
     select_files,
 )
+from merge.hub.meta import RemoteFile, RemoteSnapshot, fetch_files, remote_snapshot
 from merge.hub.remote import (
     RemoteCheckpoint,
     RemoteModel,
@@ -37,6 +39,8 @@ from merge.hub.remote import (
 __all__ = [
     "NEEDED_FILES",
     "HubUnreachableError",
+    "RemoteFile",
+    "RemoteSnapshot",
     "RemoteCheckpoint",
     "RemoteModel",
     "check_download_space",
@@ -45,11 +49,13 @@ __all__ = [
     "download_weights",
     "locate_model",
     "download_model",
+    "fetch_files",
     "hub_cache_dir",
     "hub_endpoint",
     "hub_run",
     "offline_reason",
     "probe_hub",
     "probe_timeout",
+    "remote_snapshot",
     "select_files",
 ]
