@@ -138,10 +138,8 @@ def run(
 
     A multi-stage RECIPE (several YAML documents) builds each named stage in
     DIR/<name> and the unnamed one into OUT, rebuilding only what changed."""
-    from merge import api
     from merge.build.multistage import Settings
-    from merge.build.stagerun import run_stages
-    from merge.build.stages import Stages, load
+    from merge.build.runner import run_file
     from merge.execute import Resources
     from merge.settings import device_name
 
@@ -152,7 +150,6 @@ def run(
     def go() -> str:
         dev = device_name(device, cuda, gpu_rich)
         Resources.resolve(threads, max_memory, dev)  # bad options before recipe problems
-        rec = load(recipe)
         settings = Settings(
             seed=seed,
             shard_size=out_shard_size,
@@ -163,28 +160,16 @@ def run(
             cache_dir=transformers_cache,
             locked=locked,
         )
-        common: dict[str, Any] = {
-            "progress": not quiet,
-            "warn": None if quiet else _show_warning,
-            "info": None if quiet else _note_line,
-            "threads": threads,
-            "max_memory": max_memory,
-            "device": dev,
-        }
-        if isinstance(rec, Stages):
-            done = run_stages(
-                rec,
-                target,
-                intermediate_dir=intermediate_dir,
-                lazy=lazy,
-                overwrite=overwrite,
-                settings=settings,
-                report=None if quiet else _note_line,
-                **common,
-            )
-            return done.summary()
-        wrote = api.run(rec, target, overwrite=overwrite, **settings.run_options(), **common)
-        return f"wrote {wrote}"
+        return run_file(
+            recipe,
+            target,
+            settings=settings,
+            overwrite=overwrite,
+            intermediate_dir=intermediate_dir,
+            lazy=lazy,
+            report=None if quiet else _note_line,
+            **_reporting(quiet, threads, max_memory, dev),
+        )
 
     start = time.perf_counter()
     said = _guard(go, quiet, opt.notices(ctx))
@@ -194,6 +179,18 @@ def run(
 
 def _note_line(line: str) -> None:
     typer.echo(line, err=True)
+
+
+def _reporting(quiet: bool, threads: int | None, max_memory: str | None, dev: str) -> dict:
+    """The keywords of a build that change neither what nor whether it builds."""
+    return {
+        "progress": not quiet,
+        "warn": None if quiet else _show_warning,
+        "info": None if quiet else _note_line,
+        "threads": threads,
+        "max_memory": max_memory,
+        "device": dev,
+    }
 
 
 @app.command(add_help_option=False)
@@ -291,8 +288,9 @@ def plan(
 def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = False) -> None:
     """Check every file of OUT against its merge-manifest.json (reads every byte).
 
-    Exit 0 when all match, 1 naming each file that differs, is missing or is not in the
-    manifest, 2 when OUT has no readable manifest."""
+    Exit 0 when all match, 1 naming each file that differs, is missing or is unlisted.
+
+    Exit 2 when OUT has no readable manifest."""
     from merge.build.manifest import verify as check
 
     verdict = _guard(lambda: check(out), quiet)
@@ -349,6 +347,62 @@ def outdated(
         typer.echo("\n".join(result.lines()))
     if result.moved:
         raise typer.Exit(1)
+
+
+@app.command(add_help_option=False)
+def rebuild(
+    recipe: opt.RecipeArg,
+    out: opt.OutDirArg,
+    intermediate_dir: opt.IntermediateDirOpt = None,
+    out_shard_size: opt.ShardOpt = "5GB",
+    threads: opt.ThreadsOpt = None,
+    max_memory: opt.MemoryOpt = None,
+    device: opt.DeviceOpt = None,
+    allow_crimes: opt.AllowCrimesOpt = False,
+    trust_remote_code: opt.TrustRemoteCodeOpt = False,
+    transformers_cache: opt.CacheOpt = None,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
+    """Bring OUT up to date with RECIPE's upstream models, for CI (see the README).
+
+    merge outdated; if a model moved or the recipe changed: merge lock --update.
+
+    If that, or OUT is missing, stale or fails verify: merge run --locked, merge verify.
+
+    Exit 0 with a one-line summary of what it did, 2 on an error."""
+    from merge.build.multistage import Settings
+    from merge.build.rebuild import rebuild as bring_up_to_date
+    from merge.build.runner import run_file
+    from merge.execute import Resources
+    from merge.settings import device_name
+
+    def go() -> str:
+        dev = device_name(device)
+        Resources.resolve(threads, max_memory, dev)
+        settings = Settings(
+            shard_size=out_shard_size,
+            allow_crimes=allow_crimes,
+            trust_remote_code=trust_remote_code,
+            cache_dir=transformers_cache,
+            locked=True,
+        )
+
+        def build(target: Any) -> str:
+            return run_file(
+                recipe,
+                target,
+                settings=settings,
+                overwrite=True,
+                intermediate_dir=intermediate_dir,
+                report=None if quiet else _note_line,
+                **_reporting(quiet, threads, max_memory, dev),
+            )
+
+        done = bring_up_to_date(recipe, out, build=build, report=None if quiet else _note_line)
+        return done.summary()
+
+    typer.echo(_guard(go, quiet))
 
 
 @app.command(add_help_option=False)

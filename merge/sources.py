@@ -109,6 +109,11 @@ _STAGES: ContextVar[Mapping[str, Path]] = ContextVar(
 )
 
 
+def stage_names() -> frozenset[str]:
+    """The stage names that resolve to stage outputs here (inside ``stage_outputs``)."""
+    return frozenset(_STAGES.get())
+
+
 @contextmanager
 def stage_outputs(folders: Mapping[str, Path]) -> Iterator[None]:
     """Inside the block a reference side whose path is a key (a stage name of a multi-stage

@@ -1,5 +1,7 @@
 """Multi-stage recipes (mergekit-multi's syntax): stages in dependency order, content keys,
-rebuilds of what changed only, every stage checked before any is built, one-line errors.
+rebuilds of what changed only, every stage checked before any is built, one-line errors; one
+lock over every stage, manifests naming earlier stages, and ``merge rebuild`` of a multi-stage
+recipe.
 
 The recipes name local tiny llamas (``conftest``): ``first`` merges base and ft1, ``second``
 slerps ``first`` with ``mid`` (a per-test copy of ft2, so a test can rewrite it), and the final
@@ -8,6 +10,7 @@ stage dare-ties ``second`` with ft1 on base (seeded randomness, so reproducibili
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from merge.build.manifest import read_manifest
+from merge.build.lockfile import read_lock
+from merge.build.manifest import MANIFEST_NAME, read_manifest
 from merge.build.stages import load, load_stages
 from merge.cli import app
 from merge.errors import RecipeError
@@ -481,3 +485,84 @@ def test_mergekit_multis_out_path_is_out(tmp_path: Path, models: dict[str, Path]
         2,
         f"error: give the output once: OUT ({tmp_path / 'b'}) or --out-path ({tmp_path / 'a'})\n",
     )
+
+
+# --- locks, manifests and rebuilds across stages ---------------------------------------------
+
+
+def test_one_lock_covers_every_stage(tmp_path: Path, models: dict[str, Path]) -> None:
+    recipe = write_multi(tmp_path, models)
+    code, stdout, stderr = cli("lock", recipe)
+    assert code == 0, stderr
+    lock = read_lock(tmp_path / "multi.lock", recipe)
+    assert sorted(m.ref for m in lock.models) == sorted(str(p) for p in models.values())
+    assert "first" not in stdout and "second" not in stdout  # stages are not models
+    code, stderr = build(recipe, tmp_path, "--locked")
+    assert code == 0, stderr
+    assert stage_lines(stderr) == [
+        "stage first: built",
+        "stage second: built",
+        "final stage: built",
+    ]
+    lock_sha = (tmp_path / "multi.lock").read_bytes()
+    for out in (tmp_path / "st" / "first", tmp_path / "st" / "second", tmp_path / "out"):
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        assert manifest["lock_sha256"] == hashlib.sha256(lock_sha).hexdigest()
+        assert cli("verify", out)[0] == 0
+    final = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    second = next(i for i in final["inputs"] if i["ref"] == "second")
+    assert second["source"] == "stage" and second["stage"] == "second"
+    built = json.loads((tmp_path / "st" / "second" / MANIFEST_NAME).read_text())
+    listed = {f["path"]: f for f in built["files"]}
+    used = [f for f in second["files"] if f["path"] != MANIFEST_NAME]
+    assert "model.safetensors" in {f["path"] for f in used}
+    assert all(listed[f["path"]] == f for f in used)
+
+
+def test_locked_refuses_a_changed_input_of_any_stage(
+    tmp_path: Path,
+    llama_base: Path,
+    models: dict[str, Path],
+) -> None:
+    recipe = write_multi(tmp_path, models)
+    assert cli("lock", recipe)[0] == 0
+    shutil.rmtree(models["mid"])
+    make_tiny(models["mid"], seed=77, noise_from=llama_base)  # the middle stage's input
+    code, stderr = build(recipe, tmp_path, "--locked")
+    mid = models["mid"]
+    assert (code, stderr) == (
+        2,
+        f"error: {recipe}:9: stage second: {tmp_path / 'multi.lock'}:9: models[0] ({mid}): "
+        "content differs from the lock (changed: model.safetensors); run `merge lock --update "
+        f"{recipe} {mid}` to lock it as it is now\n",
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "st").exists()
+
+
+def test_rebuild_rebuilds_only_downstream_of_what_moved(
+    tmp_path: Path,
+    llama_base: Path,
+    models: dict[str, Path],
+) -> None:
+    recipe = write_multi(tmp_path, models)
+    out, st = tmp_path / "out", tmp_path / "st"
+    code, stdout, stderr = cli("rebuild", recipe, out, "--intermediate-dir", st)
+    assert code == 0, stderr
+    assert stdout.startswith(f"rebuilt {out} (no lock yet")
+    first = stats(st / "first")
+    code, stdout, stderr = cli("rebuild", recipe, out, "--intermediate-dir", st)
+    assert (code, stdout.split(":")[0]) == (0, f"{out} is up to date"), stderr
+
+    shutil.rmtree(models["mid"])
+    make_tiny(models["mid"], seed=77, noise_from=llama_base)  # the middle stage's input moves
+    assert cli("outdated", recipe)[0] == 1
+    code, stdout, stderr = cli("rebuild", recipe, out, "--intermediate-dir", st)
+    assert code == 0, stderr
+    assert stdout.startswith(f"rebuilt {out} ({models['mid']}: the local directory changed")
+    assert stage_lines(stderr) == [
+        "stage first: up to date",
+        "stage second: built",
+        "final stage: built",
+    ]
+    assert stats(st / "first") == first
+    assert cli("verify", out)[0] == 0 and cli("outdated", recipe)[0] == 0

@@ -36,6 +36,7 @@ from merge import __version__
 from merge.build.hashing import digest
 from merge.build.inputs import InputId, identify_model
 from merge.errors import BuildError
+from merge.sources import ModelRef, stage_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from merge.sourceset import Model
@@ -66,7 +67,8 @@ class InputHashes:
 
     def __init__(self, models: dict[str, Model]) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="merge-input-hash")
-        self._future: Future[list[InputId]] = self._pool.submit(_identify_all, models)
+        stages = stage_names()  # read here: the worker thread does not see the context
+        self._future: Future[list[InputId]] = self._pool.submit(_identify_all, models, stages)
 
     def result(self) -> list[InputId]:
         try:
@@ -79,10 +81,15 @@ class InputHashes:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _identify_all(models: dict[str, Model]) -> list[InputId]:
+def _identify_all(models: dict[str, Model], stages: frozenset[str]) -> list[InputId]:
+    """Every input side once, sorted by ref; an earlier stage's output as ``source: stage``
+    (with the content of its files, as built)."""
     found: dict[str, InputId] = {}
     for model in models.values():
         for ident in identify_model(model):
+            name = ModelRef.parse(ident.ref).path
+            if name in stages:
+                ident = InputId(ident.ref, "stage", stage=name, files=ident.files)
             found.setdefault(ident.ref, ident)
     return [found[ref] for ref in sorted(found)]
 
