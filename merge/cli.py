@@ -14,13 +14,21 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from merge import __version__
+from merge import __version__, clibuild
 from merge import options as opt
+from merge.clihelp import (  # noqa: F401 (_startup: main's state, tests patch it here)
+    _fail,
+    _guard,
+    _imports_done,
+    _note_line,
+    _reporting,
+    _startup,
+    _warn,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -28,47 +36,6 @@ app = typer.Typer(
     add_help_option=False,
     help="Build new LLM checkpoints out of existing ones from a YAML recipe.",
 )
-
-T = TypeVar("T")
-
-
-def _fail(problems: list[str]) -> None:
-    for line in problems:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(2)
-
-
-def _show_warning(text: str) -> None:
-    typer.echo(f"warning: {text}", err=True)
-
-
-def _guard(fn: Callable[[], T], quiet: bool = False, notes: list[str] | None = None) -> T:
-    """Run ``fn``; turn user errors into one-line messages and exit code 2. The notices of
-    no-op options come first; third-party warnings and log records inside are shown once each
-    (``merge.capture``); ``quiet`` silences both."""
-    from merge.capture import captured
-    from merge.errors import MergeError
-
-    _imports_done()
-    with captured(None if quiet else _show_warning):
-        for note in [] if quiet else notes or []:
-            typer.echo(f"note: {note}", err=True)
-        try:
-            return fn()
-        except MergeError as e:
-            if os.environ.get("MERGE_DEBUG"):
-                raise
-            _fail(e.problems)
-        except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was written", err=True)
-            raise typer.Exit(130) from None
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _warn(warnings: list[str], quiet: bool) -> None:
-    if not quiet:
-        for w in warnings:
-            _show_warning(w)
 
 
 def _version(value: bool) -> None:
@@ -177,22 +144,6 @@ def run(
         typer.echo(f"{said} in {time.perf_counter() - start:.2f} s", err=True)
 
 
-def _note_line(line: str) -> None:
-    typer.echo(line, err=True)
-
-
-def _reporting(quiet: bool, threads: int | None, max_memory: str | None, dev: str) -> dict:
-    """The keywords of a build that change neither what nor whether it builds."""
-    return {
-        "progress": not quiet,
-        "warn": None if quiet else _show_warning,
-        "info": None if quiet else _note_line,
-        "threads": threads,
-        "max_memory": max_memory,
-        "device": dev,
-    }
-
-
 @app.command(add_help_option=False)
 def validate(
     recipe: opt.RecipeArg,
@@ -285,127 +236,6 @@ def plan(
 
 
 @app.command(add_help_option=False)
-def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = False) -> None:
-    """Check every file of OUT against its merge-manifest.json (reads every byte).
-
-    Exit 0 when all match, 1 naming each file that differs, is missing or is unlisted.
-
-    Exit 2 when OUT has no readable manifest."""
-    from merge.build.manifest import verify as check
-
-    verdict = _guard(lambda: check(out), quiet)
-    for problem in verdict.problems:
-        typer.echo(f"{out}/{problem}")
-    if verdict.ok:
-        if not quiet:
-            typer.echo(f"{out}: ok, {verdict.checked} files match the manifest", err=True)
-        return
-    if not quiet:
-        typer.echo(f"{out}: {len(verdict.problems)} problems against the manifest", err=True)
-    raise typer.Exit(1)
-
-
-@app.command(add_help_option=False)
-def lock(
-    recipe: opt.RecipeArg,
-    models: opt.ModelsArg = None,
-    update: opt.UpdateOpt = False,
-    quiet: opt.QuietOpt = False,
-    help: opt.HelpOpt = False,
-) -> None:
-    """Write RECIPE's lock file (<stem>.lock): each model's commit and its files' sha256.
-
-    An existing lock keeps its entries; only new models are resolved, unless --update.
-
-    Hub files are described by the Hub's metadata: no weight is downloaded."""
-    from merge.build.lock import lock_recipe
-
-    result = _guard(lambda: lock_recipe(recipe, models or (), update=update), quiet)
-    for change in result.changes:
-        typer.echo(change.line())
-    if not quiet:
-        typer.echo(f"wrote {result.lock.path}", err=True)
-
-
-@app.command(add_help_option=False)
-def outdated(
-    recipe: opt.RecipeArg,
-    as_json: opt.OutdatedJsonOpt = False,
-    quiet: opt.QuietOpt = False,
-    help: opt.HelpOpt = False,
-) -> None:
-    """Compare RECIPE's lock with upstream now: which models moved, which files changed.
-
-    Exit 0 when nothing moved, 1 when something did, 2 on an error (no lock, offline...)."""
-    from merge.build.outdated import outdated as compare
-
-    result = _guard(lambda: compare(recipe), quiet)
-    _warn(result.warnings, quiet)
-    if as_json:
-        typer.echo(json.dumps(result.as_json(), indent=2))
-    else:
-        typer.echo("\n".join(result.lines()))
-    if result.moved:
-        raise typer.Exit(1)
-
-
-@app.command(add_help_option=False)
-def rebuild(
-    recipe: opt.RecipeArg,
-    out: opt.OutDirArg,
-    intermediate_dir: opt.IntermediateDirOpt = None,
-    out_shard_size: opt.ShardOpt = "5GB",
-    threads: opt.ThreadsOpt = None,
-    max_memory: opt.MemoryOpt = None,
-    device: opt.DeviceOpt = None,
-    allow_crimes: opt.AllowCrimesOpt = False,
-    trust_remote_code: opt.TrustRemoteCodeOpt = False,
-    transformers_cache: opt.CacheOpt = None,
-    quiet: opt.QuietOpt = False,
-    help: opt.HelpOpt = False,
-) -> None:
-    """Bring OUT up to date with RECIPE's upstream models, for CI (see the README).
-
-    merge outdated; if a model moved or the recipe changed: merge lock --update.
-
-    If that, or OUT is missing, stale or fails verify: merge run --locked, merge verify.
-
-    Exit 0 with a one-line summary of what it did, 2 on an error."""
-    from merge.build.multistage import Settings
-    from merge.build.rebuild import rebuild as bring_up_to_date
-    from merge.build.runner import run_file
-    from merge.execute import Resources
-    from merge.settings import device_name
-
-    def go() -> str:
-        dev = device_name(device)
-        Resources.resolve(threads, max_memory, dev)
-        settings = Settings(
-            shard_size=out_shard_size,
-            allow_crimes=allow_crimes,
-            trust_remote_code=trust_remote_code,
-            cache_dir=transformers_cache,
-            locked=True,
-        )
-
-        def build(target: Any) -> str:
-            return run_file(
-                recipe,
-                target,
-                settings=settings,
-                overwrite=True,
-                intermediate_dir=intermediate_dir,
-                report=None if quiet else _note_line,
-                **_reporting(quiet, threads, max_memory, dev),
-            )
-
-        done = bring_up_to_date(recipe, out, build=build, report=None if quiet else _note_line)
-        return done.summary()
-
-    typer.echo(_guard(go, quiet))
-
-
-@app.command(add_help_option=False)
 def methods(
     name: Annotated[
         str | None,
@@ -430,16 +260,7 @@ def methods(
     typer.echo(method_text(method, details=True))
 
 
-_startup = {"gc_off": False}
-
-
-def _imports_done() -> None:
-    """The command has imported what it needs: if ``main`` turned the cycle collector off for
-    the imports, move what they made out of its sight (``gc.freeze``) and turn it back on."""
-    if _startup["gc_off"]:
-        _startup["gc_off"] = False
-        gc.freeze()
-        gc.enable()
+clibuild.register(app)  # verify, lock, outdated, rebuild: listed after these
 
 
 def main() -> None:
