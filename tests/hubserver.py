@@ -142,6 +142,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.log: list[Served] = []
         self._lock = threading.Lock()
+        self._infos: dict[tuple[str, int, int], dict] = {}
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
@@ -221,7 +222,20 @@ class HubServer:
     def files(self, folder: Path) -> dict[str, dict]:
         """Every file under ``folder``, by repo path, as tree entries."""
         paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        return {p: _file_info(p, (folder / p).read_bytes()) for p in paths}
+        return {p: self.file_info(folder, p) for p in paths}
+
+    def file_info(self, folder: Path, path: str) -> dict:
+        """``_file_info`` of one file, remembered by (file, size, mtime): a listing of large
+        files hashes each once, not on every request."""
+        st = (folder / path).stat()
+        key = (str(folder / path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            info = self._infos.get(key)
+        if info is None:
+            info = _file_info(path, (folder / path).read_bytes())
+            with self._lock:
+                self._infos[key] = info
+        return info
 
     def tree(self, folder: Path, under: str, recursive: bool) -> list[dict]:
         files = self.files(folder)
@@ -297,7 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
         if ".." in path.split("/") or not file.is_file():
             raise HubError(404, "EntryNotFound", f"{path} does not exist on this revision", sha)
         data = file.read_bytes()
-        info = _file_info(path, data)
+        info = self.hub.file_info(folder, path)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{info["oid"]}"', "Accept-Ranges": "bytes"}
         if "lfs" in info:
             headers["X-Linked-Etag"] = f'"{info["lfs"]["oid"]}"'
