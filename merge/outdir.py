@@ -115,11 +115,17 @@ def check_output_location(final: Path, inputs: Sequence[Path]) -> list[str]:
     return problems
 
 
-def check_disk_space(final: Path, needed_bytes: int) -> str | None:
-    """A one-line problem if the file system holding ``final`` has too little free space."""
-    probe = Path(final).expanduser().absolute()
+def existing_ancestor(path: Path) -> Path:
+    """``path`` (absolute) or its nearest existing parent: where its file system is asked."""
+    probe = Path(path).expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    return probe
+
+
+def check_disk_space(final: Path, needed_bytes: int) -> str | None:
+    """A one-line problem if the file system holding ``final`` has too little free space."""
+    probe = existing_ancestor(final)
     free = shutil.disk_usage(probe).free
     if free >= needed_bytes:
         return None

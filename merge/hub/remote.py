@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, cast
 from merge.checkpoint import Checkpoint, TensorInfo, header_entry, read_headers
 from merge.errors import CheckpointError
 from merge.hub.download import _first_line, _hub_errors, hub_or_cache, no_weights, select_files
+from merge.outdir import existing_ancestor
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -252,9 +253,9 @@ def check_download_space(models: list[RemoteModel], output: Path, output_bytes: 
     if not weights:
         return None
     cache = models[0].cache
-    probe = _existing(cache)
+    probe = existing_ancestor(cache)
     need, also = weights, ""
-    if os.stat(probe).st_dev == os.stat(_existing(output)).st_dev:
+    if os.stat(probe).st_dev == os.stat(existing_ancestor(output)).st_dev:
         need, also = weights + output_bytes, f" and write the {human_bytes(output_bytes)} output"
     free = shutil.disk_usage(probe).free
     if free >= need:
@@ -264,10 +265,3 @@ def check_download_space(models: list[RemoteModel], output: Path, output_bytes: 
         f"Face cache {cache}{also}: {human_bytes(free)} free on {probe}; free some space or "
         "set HF_HUB_CACHE"
     )
-
-
-def _existing(path: Path) -> Path:
-    probe = Path(path).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe
