@@ -28,8 +28,8 @@ DECOYS = {
     "model.gguf": b"GGUF",
     "training_args.bin": b"args",
     "original/consolidated.00.pth": b"meta weights",
-    "README.md": b"# tiny\n",
 }
+CARD = b"---\nlicense: mit\n---\n# tiny\n"  # fetched with the small files: the input card
 LOGIN = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 
 
@@ -40,6 +40,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, llama_base: Path) -> Pat
     for name, data in DECOYS.items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_bytes(data)
+    (folder / "README.md").write_bytes(CARD)
     return folder
 
 
@@ -64,9 +65,10 @@ def hub(
         yield server
 
 
-def same_files(folder: Path, source: Path) -> None:
-    names = sorted(p.name for p in folder.iterdir())
+def same_files(folder: Path, source: Path, card: bool = False) -> None:
+    names = sorted(p.name for p in folder.iterdir() if p.name != "README.md" or not card)
     assert names == sorted(p.name for p in source.iterdir() if p.is_file())
+    assert (folder / "README.md").is_file() == card
     for name in names:
         assert (folder / name).read_bytes() == (source / name).read_bytes(), name
 
@@ -75,7 +77,8 @@ def test_downloads_one_weight_format_and_metadata(hub: HubServer, llama_base: Pa
     folder = download_model("org/tiny", None)
     sha = commit_sha("org/tiny", "main")
     assert folder == Path(constants.HF_HUB_CACHE) / "models--org--tiny" / "snapshots" / sha
-    same_files(folder, llama_base)  # no decoy in the snapshot
+    same_files(folder, llama_base, card=True)  # no decoy in the snapshot; the card is fetched
+    assert (folder / "README.md").read_bytes() == CARD
     wanted = {p.name for p in llama_base.iterdir()}
     assert wanted == {
         "chat_template.jinja",
@@ -85,7 +88,7 @@ def test_downloads_one_weight_format_and_metadata(hub: HubServer, llama_base: Pa
         "tokenizer.json",
         "tokenizer_config.json",
     }
-    assert hub.fetched() == wanted
+    assert hub.fetched() == wanted | {"README.md"}
     touched = " ".join(path for _, path in hub.requests)
     for decoy in DECOYS:
         assert f"/resolve/{sha}/{decoy}" not in touched and f"/main/{decoy}" not in touched

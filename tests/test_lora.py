@@ -492,7 +492,11 @@ def test_hub_adapter_online_then_offline(
 ) -> None:
     server, adapter = online_hub
     out = run(tmp_path, single("org/base+org/ad"))
-    assert server.fetched("org/ad") == {"adapter_config.json", "adapter_model.safetensors"}
+    assert server.fetched("org/ad") == {
+        "README.md",  # the adapter's card, for the output's
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     want = peft_merged(llama_base, adapter)
     for name, tensor in load_state(out).items():
         assert_close(tensor, want[name], msg=name)
@@ -505,13 +509,19 @@ def test_hub_adapter_online_then_offline(
 
 def test_select_files_takes_adapter_files() -> None:
     listing = ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
-    assert hub.select_files(listing) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert hub.select_files(listing) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert hub.select_files(listing[:2] + listing[3:]) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.bin",
     ]
     with_model = ["config.json", "model.safetensors", *listing]
     assert hub.select_files(with_model) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "config.json",

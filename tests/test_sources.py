@@ -247,6 +247,7 @@ LISTING = [
 
 def test_select_files() -> None:
     assert hub.select_files(LISTING) == [
+        "README.md",
         "config.json",
         "generation_config.json",
         "model-00001-of-00002.safetensors",
@@ -258,6 +259,7 @@ def test_select_files() -> None:
     ]
     no_safetensors = [n for n in LISTING if "safetensors" not in n]
     assert hub.select_files(no_safetensors) == [
+        "README.md",
         "config.json",
         "generation_config.json",
         "pytorch_model.bin",
@@ -361,4 +363,4 @@ def test_select_files_takes_every_tokenizer_file_the_output_copies() -> None:
     listing = ["model.safetensors", "config.json", *TOKENIZER_FILES, "README.md", "x.gguf"]
     chosen = select_files(listing)
     assert set(TOKENIZER_FILES) <= set(chosen)
-    assert "README.md" not in chosen and "x.gguf" not in chosen
+    assert "README.md" in chosen and "x.gguf" not in chosen  # the card: license, language...

@@ -46,8 +46,9 @@ from merge.checkpoint import BIN_INDEX, SAFE_INDEX
 from merge.errors import SourceError
 from merge.tokenizer import TOKENIZER_FILES
 
-# What a merge needs besides weights and top-level json files.
-NEEDED_FILES = frozenset(TOKENIZER_FILES) | {"generation_config.json"}
+# What a merge needs besides weights and top-level json files (README.md: the input's card,
+# whose license, language and datasets the output's card is made from).
+NEEDED_FILES = frozenset(TOKENIZER_FILES) | {"generation_config.json", "README.md"}
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 PROBE_TIMEOUT_VAR = "MERGE_HUB_PROBE_TIMEOUT"
 PROBE_TIMEOUT_S = 3.0
