@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 
 from merge import __version__
 from merge.build.locked import LockUse, use_lock
-from merge.build.manifest import InputHashes, make_manifest, write_manifest
-from merge.card import model_card
+from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_manifest
+from merge.card.output import LOCK_NAME, RECIPE_NAME
+from merge.card.output import write as write_card_files
 from merge.errors import OutputError
 from merge.execute import Resources, execute
 from merge.hub import check_download_space
@@ -60,7 +61,6 @@ from merge.writer import MIN_SHARD_BYTES, parse_size
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-RECIPE_NAME = "merge-recipe.yaml"
 # Files a multimodal model needs beside its weights and tokenizer (image and video processors,
 # the processor's chat template): copied from the config donor, as mergekit does.
 TAGALONG_FILES = (
@@ -194,18 +194,6 @@ def _check_output(p: Plan, out: Path, overwrite: bool) -> None:
         raise OutputError(problems)
 
 
-def _revision(directory: Path) -> str | None:
-    return directory.name if directory.parent.name == "snapshots" else None
-
-
-def _resolved(ref: str, directory: Path, adapter: Path | None) -> str:
-    """``ref (revision abc…)``, with the adapter's revision too for ``base+adapter``."""
-    revs = [f"revision {r}" for r in (_revision(directory),) if r]
-    if adapter is not None and (rev := _revision(adapter)):
-        revs.append(f"adapter revision {rev}")
-    return f"{ref} ({', '.join(revs)})" if revs else ref
-
-
 def _generation_config(p: Plan) -> Path | None:
     """generation_config.json of the config donor, else of the tokenizer donor, else of the
     first model (recipe order) that has one: always carried, whatever the tokenizer path."""
@@ -222,11 +210,9 @@ def writes_tokenizer(p: Plan, copy_tokenizer: bool) -> bool:
     return copy_tokenizer or p.vocab is not None
 
 
-def write_extras(
-    p: Plan, out: Path, *, copy_tokenizer: bool = True, write_card: bool = True
-) -> None:
-    """config.json, generation_config.json, tokenizer (``writes_tokenizer``), the recipe and
-    the model card (unless ``write_card`` is false)."""
+def write_extras(p: Plan, out: Path, *, copy_tokenizer: bool = True) -> None:
+    """config.json, generation_config.json, tokenizer (``writes_tokenizer``) and the recipe
+    (the model card comes later, with the inputs' identities: ``merge.card.output``)."""
     (out / "config.json").write_text(json.dumps(p.config, indent=2) + "\n", encoding="utf-8")
     gen = _generation_config(p)
     if gen is not None:
@@ -241,32 +227,14 @@ def write_extras(
         added = p.vocab.added if p.vocab else []
         write_tokenizer(p.models[p.tokenizer_donor].directory, out, template, built, added)
     (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
-    if write_card:
-        (out / "README.md").write_text(_card(p), encoding="utf-8")
 
 
-def _card(p: Plan) -> str:
-    inputs = [_resolved(ref, m.directory, m.adapter) for ref, m in p.models.items()]
-    sections = [("Resolved inputs", "\n".join(f"- {i}" for i in inputs))]
-    if p.moe is not None:
-        from merge.moe.card import moe_sections
-
-        sections = moe_sections(p.moe, p.donor, p.moe.report) + sections
-    return model_card(
-        recipe_text=p.recipe.text,
-        method_name=p.method.name,
-        method_paper=p.method.paper,
-        method_description=p.method.description,
-        models=list(p.models),
-        base_model=p.recipe.base_model,
-        tool_version=__version__,
-        seed=p.seed,
-        dtype=p.out_dtype,
-        num_params=sum(j.numel for j in p.jobs),
-        extra_sections=sections,
-        title="Mixture of experts" if p.moe is not None else None,
-        local_models=[ref for ref, m in p.models.items() if _revision(m.directory) is None],
-    )
+def _copy_lock(p: Plan, lock: LockUse | None, out: Path) -> None:
+    """The lock the run used, as ``merge-recipe.lock`` beside ``merge-recipe.yaml``, when it
+    is the lock of exactly that text (not for a stage of a multi-stage file, whose lock is
+    the whole file's): ``merge run --locked OUT/merge-recipe.yaml`` then rebuilds OUT."""
+    if lock is not None and lock.lock.recipe_sha256 == sha256_text(p.recipe.text):
+        (out / LOCK_NAME).write_bytes(lock.lock.path.read_bytes())
 
 
 def _gates(
@@ -311,6 +279,7 @@ def run(
     lock: LockUse | None = None,
     lock_sha256: str | None = None,
     build_key: str | None = None,
+    license: str | None = None,
 ) -> Path:
     """Merge: plan, check the output location, download the weights of Hub models not in the
     cache (progress bars with ``progress``), stream every tensor, then finalize atomically.
@@ -359,12 +328,25 @@ def run(
             try:
                 with AtomicOutput(target, overwrite) as tmp:
                     execute(p, tmp, progress=progress, computed=computed, resources=resources)
-                    write_extras(p, tmp, copy_tokenizer=copy_tokenizer, write_card=write_card)
+                    write_extras(p, tmp, copy_tokenizer=copy_tokenizer)
+                    _copy_lock(p, lock, tmp)
+                    inputs = hashes.result()
+                    if write_card:
+                        said = write_card_files(
+                            p,
+                            tmp,
+                            [i.as_dict() for i in inputs],
+                            tool_version=__version__,
+                            license=license,
+                        )
+                        for w in said:
+                            if warn is not None:
+                                warn(w)
                     manifest = make_manifest(
                         tmp,
                         recipe_text=p.recipe.text,
                         seed=p.seed,
-                        inputs=hashes.result(),
+                        inputs=inputs,
                         lock_sha256=lock_sha256,
                         build_key=build_key,
                     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,20 +119,3 @@ def test_no_paper_link() -> None:
 )
 def test_hub_id(ref: str, expected: str | None) -> None:
     assert hub_id(ref) == expected
-
-
-def test_resolved_inputs_name_base_and_adapter_revisions(tmp_path: Path) -> None:
-    from merge.api import _resolved
-
-    base = tmp_path / "models--org--base" / "snapshots" / "aaa111"
-    adapter = tmp_path / "models--org--lora" / "snapshots" / "bbb222"
-    local = tmp_path / "local"
-    assert _resolved("org/base", base, None) == "org/base (revision aaa111)"
-    assert (
-        _resolved("org/base+org/lora", base, adapter)
-        == "org/base+org/lora (revision aaa111, adapter revision bbb222)"
-    )
-    assert _resolved("./local+org/lora", local, adapter) == (
-        "./local+org/lora (adapter revision bbb222)"
-    )
-    assert _resolved("./local", local, None) == "./local"

@@ -182,7 +182,7 @@ def test_transformers_cache_is_where_models_are_found(tmp_path: Path, llama_base
     assert os.environ.get("HF_HUB_CACHE") == before
     run_ok(recipe, tmp_path / "out", "--transformers-cache", cache, "-q")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"org/tiny (revision {SHA})" in card
+    assert f"[org/tiny](https://huggingface.co/org/tiny), commit `{SHA}`" in card
 
 
 # --- --trust-remote-code ------------------------------------------------------------------------

@@ -184,7 +184,8 @@ def test_run_recipe_with_hub_models(
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model"] == ["org/tiny"] and front["base_model_relation"] == "merge"
-    assert f"org/tiny@v1 (revision {commit_sha('org/tiny', 'v1')})" in card
+    assert f"revision `v1`, commit `{commit_sha('org/tiny', 'v1')}`" in card
+    assert front["license"] == "mit"  # main's card states it, v1 has no card: no disagreement
 
 
 def test_local_server_counts_as_reachable_probed_once_per_run(

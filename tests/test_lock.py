@@ -220,9 +220,20 @@ def test_locked_run_refusals(recipe: Path, tmp_path: Path) -> None:
     assert code == 0 and stderr.splitlines()[0] == f"warning: {missing}"
 
 
+def test_lock_of_the_same_text_under_another_name(recipe: Path, tmp_path: Path) -> None:
+    """An output's merge-recipe.yaml beside the lock of r.yaml: the content is what counts."""
+    assert cli("lock", recipe)[0] == 0
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(recipe, copy / "merge-recipe.yaml")
+    shutil.copy(tmp_path / "r.lock", copy / "merge-recipe.lock")
+    code, _, stderr = cli("run", "--locked", copy / "merge-recipe.yaml", tmp_path / "out")
+    assert code == 0, stderr
+
+
 def test_lock_for_another_recipe(recipe: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.yaml"
-    other.write_text(RECIPE)
+    other.write_text(RECIPE + "# another recipe\n")
     assert cli("lock", other)[0] == 0
     shutil.copy(tmp_path / "other.lock", tmp_path / "r.lock")
     message = (

@@ -227,8 +227,10 @@ def _resolve(
 
 
 def check_recipe_file(lock: LockFile, recipe_file: Path) -> None:
-    """A lock found beside ``recipe_file`` must be that recipe's."""
-    if lock.recipe_file != recipe_file.name:
+    """A lock found beside ``recipe_file`` must be that recipe's: the same file name, or the
+    same content under another name (an output's ``merge-recipe.yaml`` beside its copy of the
+    lock of ``ties.yaml``)."""
+    if lock.recipe_file != recipe_file.name and lock.recipe_sha256 != recipe_sha256(recipe_file):
         raise BuildError(
             f"{lock.where(('recipe', 'file'))}: this lock is for {lock.recipe_file!r}, not "
             f"{recipe_file.name!r}; run `merge lock --update {recipe_file}` to replace it"

@@ -140,6 +140,16 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     (out / MANIFEST_NAME).write_text(text, encoding="utf-8")
 
 
+def update_files(out: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """Rehash the named files of ``out`` into ``manifest`` (added when new) and write it: for
+    a file rewritten after the build (``merge card --write``)."""
+    files = {f["path"]: f for f in manifest["files"]}
+    for name, entry in hash_files(out, names).items():
+        files[name] = {"path": name, **entry}
+    manifest["files"] = [files[n] for n in sorted(files)]
+    write_manifest(out, manifest)
+
+
 def read_manifest(out: Path) -> dict[str, Any] | None:
     """The manifest of ``out``; None when it has none; BuildError when it is unusable."""
     path = Path(out) / MANIFEST_NAME

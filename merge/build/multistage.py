@@ -61,6 +61,7 @@ class Settings:
     trust_remote_code: bool = False
     cache_dir: str | Path | None = None
     locked: bool = False  # --locked: the lock must exist and match (merge.build.locked)
+    license: str | None = None  # --license: the model card's, instead of the inferred one
 
     def plan_options(self) -> dict[str, Any]:
         """The keywords of ``merge.api.plan``."""
@@ -79,6 +80,7 @@ class Settings:
             "copy_tokenizer": self.copy_tokenizer,
             "write_card": self.write_card,
             "locked": self.locked,
+            "license": self.license,
         }
 
     def key_options(self) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class Settings:
             "shard_bytes": shard_bytes(self.shard_size),
             "copy_tokenizer": self.copy_tokenizer,
             "write_card": self.write_card,
+            **({"license": self.license} if self.license else {}),  # keys without one unchanged
         }
 
 
@@ -179,7 +182,7 @@ def _opener(folder: Path, p: Plan) -> Callable[[str], Checkpoint]:
 def _stand_in(p: Plan, folder: Path, settings: Settings) -> None:
     """The planned small files of a stage's output, as its run will write them."""
     folder.mkdir()
-    write_extras(p, folder, copy_tokenizer=settings.copy_tokenizer, write_card=False)
+    write_extras(p, folder, copy_tokenizer=settings.copy_tokenizer)
 
 
 def _located(stage: Stage, file: Path, problem: str) -> str:
