@@ -80,6 +80,7 @@ def run(
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
     locked: opt.LockedOpt = False,
+    license: opt.LicenseOpt = None,
     intermediate_dir: opt.IntermediateDirOpt = None,
     lazy: opt.LazyOpt = True,
     out_path: opt.OutPathOpt = None,
@@ -126,6 +127,7 @@ def run(
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
             locked=locked,
+            license=license,
         )
         return run_file(
             recipe,

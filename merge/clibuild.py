@@ -1,4 +1,5 @@
-"""The build commands of ``merge``: verify, lock, outdated and rebuild (``merge.build``).
+"""The build commands of ``merge``: verify, lock, outdated, rebuild (``merge.build``) and card
+(``merge.card.output``).
 
 ``register(app)`` adds them to ``merge.cli.app``; they share ``merge.clihelp``: user errors
 print one line each and exit 2, data goes to stdout, the rest to stderr.
@@ -33,6 +34,30 @@ def verify(out: opt.OutDirArg, quiet: opt.QuietOpt = False, help: opt.HelpOpt = 
     if not quiet:
         typer.echo(f"{out}: {len(verdict.problems)} problems against the manifest", err=True)
     raise typer.Exit(1)
+
+
+def card(
+    out: opt.OutDirArg,
+    write: opt.CardWriteOpt = False,
+    license: opt.LicenseOpt = None,
+    quiet: opt.QuietOpt = False,
+    help: opt.HelpOpt = False,
+) -> None:
+    """Print OUT's model card (README.md) as it is made from OUT's files; changes nothing.
+
+    --write rewrites it (after --license, say) and updates merge-manifest.json to match.
+
+    Works offline: the card is made of merge-card.json, the recipe, the manifest and the lock."""
+    from merge.card.output import card as make_card
+
+    made = _guard(lambda: make_card(out, license=license, write=write), quiet)
+    _warn(made.warnings, quiet)
+    if not write:
+        typer.echo(made.text, nl=False)
+    elif not quiet:
+        typer.echo(
+            f"wrote {', '.join(f'{out}/{n}' for n in made.written)}; manifest updated", err=True
+        )
 
 
 def lock(
@@ -88,6 +113,7 @@ def rebuild(
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
+    license: opt.LicenseOpt = None,
     quiet: opt.QuietOpt = False,
     help: opt.HelpOpt = False,
 ) -> None:
@@ -113,6 +139,7 @@ def rebuild(
             trust_remote_code=trust_remote_code,
             cache_dir=transformers_cache,
             locked=True,
+            license=license,
         )
 
         def build(target: Any) -> str:
@@ -134,5 +161,5 @@ def rebuild(
 
 def register(app: typer.Typer) -> None:
     """Add the build commands to ``app``, in this order."""
-    for command in (verify, lock, outdated, rebuild):
+    for command in (verify, lock, outdated, rebuild, card):
         app.command(add_help_option=False)(command)

@@ -186,6 +186,24 @@ ModelsArg = Annotated[
         show_default=False,
     ),
 ]
+LicenseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--license",
+        metavar="ID",
+        help="The model card's license (a Hub license id such as apache-2.0) instead of the "
+        "one inferred from the input cards.",
+        show_default=False,
+    ),
+]
+CardWriteOpt = Annotated[
+    bool,
+    flag(
+        "--write",
+        help="Rewrite OUT's README.md and merge-card.json and update the manifest to match, "
+        "instead of printing the card.",
+    ),
+]
 UpdateOpt = Annotated[
     bool,
     flag(
