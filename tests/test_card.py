@@ -119,3 +119,45 @@ def test_no_paper_link() -> None:
 )
 def test_hub_id(ref: str, expected: str | None) -> None:
     assert hub_id(ref) == expected
+
+
+def test_fields_in_front_matter_and_lock_reproduction() -> None:
+    from merge.card import Fields
+
+    fields = Fields(
+        license="mit",
+        language=["en", "fr"],
+        datasets=["d/one"],
+        pipeline_tag="text-generation",
+        tags=["merge", "mergesmith", "ties", "lora"],
+    )
+    inputs = [{"ref": "org/a@abc123", "source": "hub", "repo": "org/a", "commit": "f" * 40}]
+    card = make_card(fields=fields, inputs=inputs, recipe_name="m.yaml", lock_name="m.lock")
+    meta = front_matter(card)
+    assert meta["base_model"] == ["org/a"]  # the inputs say which refs are Hub repos
+    assert meta["license"] == "mit" and meta["language"] == ["en", "fr"]
+    assert meta["datasets"] == ["d/one"] and meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["merge", "mergesmith", "ties", "lora"]
+    assert f"commit `{'f' * 40}`" in card
+    assert "pip install mergesmith==0.1.0\nmerge run --locked m.yaml\n" in card
+
+
+def test_decide_override_silences_the_disagreement() -> None:
+    from merge.card.facts import decide
+
+    facts = {
+        "input_cards": {
+            "org/a": {"license": "mit"},
+            "org/b": {"license": "apache-2.0"},
+            "./c": None,
+        },
+        "donor": "org/a",
+        "architectures": ["LlamaForCausalLM"],
+        "vision": False,
+        "tags": ["merge"],
+    }
+    fields, warnings = decide(facts)
+    assert fields.license is None and len(warnings) == 1 and "org/b: apache-2.0" in warnings[0]
+    fields, warnings = decide(facts, license="other")
+    assert fields.license == "other" and warnings == []
+    assert fields.pipeline_tag == "text-generation"
