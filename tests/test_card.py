@@ -161,3 +161,17 @@ def test_decide_override_silences_the_disagreement() -> None:
     fields, warnings = decide(facts, license="other")
     assert fields.license == "other" and warnings == []
     assert fields.pipeline_tag == "text-generation"
+
+
+def test_local_inputs_are_named_in_the_reproduction() -> None:
+    inputs = [
+        {"ref": "org/a@abc123", "source": "hub", "repo": "org/a", "commit": "f" * 40},
+        {"ref": "./local/model", "source": "local"},
+    ]
+    card = make_card(inputs=inputs, recipe_name="m.yaml", lock_name="m.lock")
+    assert (
+        "The local inputs (`./local/model`) are not on the Hub: put folders with the same files "
+        "at the same paths beside the recipe first (the lock checks their hashes)."
+    ) in card
+    hub_only = make_card(inputs=inputs[:1], models=["org/a@abc123"], base_model=None)
+    assert "local inputs" not in hub_only

@@ -132,7 +132,13 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _reproducing(tool_version: str, seed: int, recipe_name: str, lock_name: str | None) -> str:
+def _reproducing(
+    tool_version: str,
+    seed: int,
+    recipe_name: str,
+    lock_name: str | None,
+    local: Sequence[str] = (),
+) -> str:
     if lock_name is None:
         how = (
             f"Save the recipe above as `{recipe_name}` and run (the Hub models resolve to "
@@ -145,6 +151,13 @@ def _reproducing(tool_version: str, seed: int, recipe_name: str, lock_name: str 
             "run (the lock pins every input's commit and file hashes):"
         )
         command = f"merge run --locked {recipe_name}"
+    if local:
+        names = ", ".join(f"`{ref}`" for ref in local)
+        how += (
+            f" The local inputs ({names}) are not on the Hub: put folders with the same files "
+            "at the same paths beside the recipe first"
+            + (" (the lock checks their hashes)." if lock_name is not None else ".")
+        )
     return (
         f"## Reproducing\n\nMade with mergesmith {tool_version}, seed {seed}. {how}\n\n"
         + _fenced(f"pip install mergesmith=={tool_version}\n{command}", "sh")
@@ -202,7 +215,10 @@ def model_card(
         "## Configuration\n\nThe exact recipe used to produce this model:\n\n"
         + _fenced(recipe_text, "yaml").rstrip("\n")
     )
-    parts.append(_reproducing(tool_version, seed, recipe_name, lock_name))
+    local = [str(i["ref"]) for i in inputs if i.get("source") == "local"]
+    if not inputs:
+        local = [ref for ref in refs if ref in local_models]
+    parts.append(_reproducing(tool_version, seed, recipe_name, lock_name, local))
     body = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
     data = _data(ids, fields or Fields())
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
