@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -152,3 +152,166 @@ def test_publish_story(
     assert len(hub.commits) == commits + 1
     assert hub.commits[-1].changed == sorted({"README.md", MANIFEST_NAME} | changed)
     assert files_of(download("team/merged")) == files_of(out)
+
+
+def test_create_pr_opens_a_pull_request_ref(hub: UploadHub, out: Path) -> None:
+    code, stdout, stderr = cli("publish", out, "team/pr", "--create-pr", "--commit-message", "m1")
+    assert code == 0, stderr
+    url = f"{hub.endpoint}/team/pr/discussions/1"
+    assert stdout.startswith(f"opened pull request {url} (")
+    assert hub.commits[-1].ref == "refs/pr/1" and hub.commits[-1].message == "m1"
+    assert files_of(download("team/pr", revision="refs/pr/1")) == files_of(out)
+    assert HfApi().list_repo_files("team/pr") == [".gitattributes"]  # main untouched
+
+
+def test_create_pr_needs_an_existing_revision(hub: UploadHub, out: Path) -> None:
+    code, stdout, stderr = cli("publish", out, "team/pr", "--create-pr", "--revision", "dev")
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        "error: publish to team/pr: revision 'dev' does not exist; a pull request needs an "
+        "existing branch: create it, or publish without --create-pr\n"
+    )
+    assert [c.repo for c in hub.commits] == ["team/pr"]  # the repo's own first commit only
+
+
+def test_a_missing_branch_is_created(hub: UploadHub, out: Path) -> None:
+    code, stdout, stderr = cli("publish", "-q", out, "alice/m", "--revision", "dev", "--private")
+    assert code == 0, stderr
+    assert "alice/m (dev): " in stdout
+    assert files_of(download("alice/m", revision="dev")) == files_of(out)
+    assert HfApi().list_repo_files("alice/m") == [".gitattributes"] and "alice/m" in hub.private
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        (None, (), "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or pass --token)"),
+        (
+            "hf_unknown",
+            (),
+            "publish to team/x: the token was rejected (invalid or expired); set HF_TOKEN or run "
+            "`hf auth login` with a valid token",
+        ),
+        (
+            READ,
+            (),
+            "publish to team/x: the token may not write to 'team' (read-only token, or not a "
+            "member of that org); use a token with write access there",
+        ),
+        (
+            None,
+            ("--token", WRITE, "--private"),
+            "publish to other/x: the token may not write to 'other' (read-only token, or not a "
+            "member of that org); use a token with write access there",
+        ),
+    ],
+    ids=["no-token", "bad-token", "read-only", "foreign-org"],
+)
+def test_token_errors_publish_nothing(
+    hub: UploadHub,
+    out: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str | None,
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    if env is None:
+        monkeypatch.delenv("HF_TOKEN")
+    else:
+        monkeypatch.setenv("HF_TOKEN", env)
+    repo = "other/x" if "--token" in args else "team/x"
+    code, stdout, stderr = cli("publish", out, repo, *args)
+    assert (code, stdout, stderr) == (2, "", f"error: {message}\n")
+    assert (hub.commits, hub.received, repo in hub.repos) == ([], [], False)
+
+
+def test_no_token_fails_before_the_build(
+    hub: UploadHub, recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    for command in ("run", "rebuild"):
+        code, _, stderr = cli(command, recipe, tmp_path / "o", "--push-to-hub", "team/x")
+        assert (code, stderr) == (
+            2,
+            "error: no Hugging Face token: set HF_TOKEN or run `hf auth login` (or pass --token)\n",
+        )
+        assert not (tmp_path / "o").exists() and not hub.fetched()
+    assert not (tmp_path / "pub.lock").exists()
+
+
+def test_run_push_to_hub(hub: UploadHub, recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    code, stdout, stderr = cli("run", recipe, out, "--push-to-hub", "team/run")
+    assert code == 0, stderr
+    assert f"published to {hub.endpoint}/team/run (main): " in stderr
+    assert files_of(download("team/run")) == files_of(out)
+
+
+def test_a_failing_verify_publishes_nothing(hub: UploadHub, out: Path) -> None:
+    (out / "config.json").write_text("{}")
+    code, stdout, stderr = cli("publish", out, "team/x")
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        f"error: {out} fails verify (config.json: size 2 bytes, the manifest says 715); "
+        f"nothing was published: run `merge verify {out}` and rebuild it\n"
+    )
+    assert (hub.commits, "team/x" in hub.repos) == ([], False)
+
+
+def test_extra_files_are_deleted_only_when_asked(hub: UploadHub, out: Path) -> None:
+    hub.create("team/d", private=False)
+    _, folder = hub.snapshot("team/d", "main")
+    hub.commit("team/d", "main", "old", {"old.bin": b"x" * 10, "notes.txt": b"hi"}, [], folder)
+    assert cli("publish", "-q", out, "team/d")[0] == 0
+    assert {"old.bin", "notes.txt"} <= set(files_of(download("team/d")))
+    code, stdout, stderr = cli("publish", out, "team/d", "--delete-extra")
+    assert code == 0, stderr
+    assert f"(0 uploaded, {len(files_of(out))} unchanged, 2 deleted)" in stdout
+    assert hub.commits[-1].deleted == ["notes.txt", "old.bin"]
+    assert files_of(download("team/d")) == files_of(out)
+
+
+def test_an_interrupted_upload_resumes_on_rerun(
+    hub: UploadHub, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server drops the connection in the middle of one shard's body, more often than the
+    client retries: the publish fails with one line and no commit; the rerun sends that shard
+    only, not the shards that had arrived."""
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)  # the client's retry backoff
+    shards = sorted(out.glob("model-*.safetensors"))
+    victim = sha256(shards[1])
+    hub.drop[victim] = 100
+    code, stdout, stderr = cli("publish", "-q", out, "team/r")
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("error: publish to team/r: network failure (")
+    assert stderr.endswith(
+        "check your connection, then nothing was committed; rerun the same command to resume "
+        "(uploaded files are kept)\n"
+    )
+    assert len(stderr.splitlines()) == 1 and hub.drop[victim] > 0
+    assert [c.message for c in hub.commits] == ["initial commit"]
+    arrived = set(hub.received)
+    assert arrived == {sha256(s) for s in shards} - {victim}
+
+    hub.drop.clear()
+    puts = hub.blob_puts
+    code, stdout, stderr = cli("publish", "-q", out, "team/r")
+    assert code == 0, stderr
+    assert hub.received[len(arrived) :] == [victim] and hub.blob_puts == puts + 1
+    assert files_of(download("team/r")) == files_of(out)
+
+
+def test_a_connection_dropped_once_is_retried_by_the_client(
+    hub: UploadHub, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    hub.drop[sha256(shard)] = 1
+    code, _, stderr = cli("publish", "-q", out, "team/once")
+    assert code == 0, stderr
+    assert hub.drop[sha256(shard)] == 0 and hub.received.count(sha256(shard)) == 1
+    assert files_of(download("team/once")) == files_of(out)

@@ -101,7 +101,7 @@ def publish(
     token = resolve_token(token)
     api = HfApi(endpoint=hub_endpoint(), token=token)
     branch = revision or "main"
-    with _publish_errors(repo_id, branch, token), _progress(progress):
+    with _publish_errors(repo_id, branch), _progress(progress):
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
         remote = _remote_files(api, repo_id, branch, create_pr)
         result = PublishResult(repo_id, url, branch)
@@ -217,33 +217,44 @@ def _progress(show: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _publish_errors(repo_id: str, revision: str, token: str) -> Iterator[None]:
+def _publish_errors(repo_id: str, revision: str) -> Iterator[None]:
     """Turn huggingface_hub failures into one-line PublishErrors with the next step."""
+    try:
+        yield
+    except Exception as e:
+        error = _explain(e, repo_id, revision)
+        if error is None:
+            raise
+        raise error from e
+
+
+def _explain(e: BaseException, repo_id: str, revision: str) -> PublishError | None:
+    """The PublishError for ``e`` or the first error of its cause chain that is a client or
+    network failure (an LFS upload's RuntimeError wraps the real one); None: not the Hub's."""
     from huggingface_hub import errors as hf
 
     where = f"publish to {repo_id}"
     rerun = "nothing was committed; rerun the same command to resume (uploaded files are kept)"
-    try:
-        yield
-    except hf.RevisionNotFoundError as e:
-        raise PublishError(
-            f"{where}: revision '{revision}' does not exist; a pull request needs an existing "
-            "branch: create it, or publish without --create-pr"
-        ) from e
-    except hf.RepositoryNotFoundError as e:
-        raise PublishError(f"{where}: {_denied(e, repo_id)}") from e
-    except hf.HfHubHTTPError as e:
-        status = getattr(e.response, "status_code", None)
-        if status in (401, 403):
-            raise PublishError(f"{where}: {_denied(e, repo_id)}") from e
-        raise PublishError(f"{where}: the Hub refused: {_first_line(e)}; {rerun}") from e
-    except Exception as e:
-        if not _is_network_error(e):
-            raise
-        raise PublishError(
-            f"{where}: network failure ({type(e).__name__}: {_first_line(e)}); check your "
-            f"connection, then {rerun}"
-        ) from e
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, hf.RevisionNotFoundError):
+            return PublishError(
+                f"{where}: revision '{revision}' does not exist; a pull request needs an "
+                "existing branch: create it, or publish without --create-pr"
+            )
+        if isinstance(cause, hf.RepositoryNotFoundError):
+            return PublishError(f"{where}: {_denied(cause, repo_id)}")
+        if isinstance(cause, hf.HfHubHTTPError):
+            if getattr(cause.response, "status_code", None) in (401, 403):
+                return PublishError(f"{where}: {_denied(cause, repo_id)}")
+            return PublishError(f"{where}: the Hub refused: {_first_line(cause)}; {rerun}")
+        if _is_network_error(cause):
+            return PublishError(
+                f"{where}: network failure ({type(cause).__name__}: {_first_line(cause)}); "
+                f"check your connection, then {rerun}"
+            )
+        cause = cause.__cause__
+    return None
 
 
 def _denied(e: Any, repo_id: str) -> str:
