@@ -18,6 +18,7 @@ writes, the endpoints ``create_repo``, ``create_branch``, ``create_commit`` (wit
   only what never arrived.
 - ``PUT /_lfs/{repo}/{sha256}``: the blob; its sha256 is checked. ``drop[sha256] = n`` makes the
   next ``n`` PUTs of that blob end with the connection dropped after half the body.
+  ``fail_commits = n`` answers the next ``n`` commits ``500``.
 - ``POST /api/models/{repo}/commit/{rev}[?create_pr=1]``: NDJSON lines ``header``, ``file``
   (base64), ``lfsFile`` (a received blob), ``deletedFile``. A commit is a new folder under
   ``store`` (files hard-linked from the parent commit and the blob store) registered with
@@ -95,6 +96,7 @@ class UploadHub(HubServer):
         self.commits: list[Commit] = []
         self.blob_puts = 0
         self.drop: dict[str, int] = {}
+        self.fail_commits = 0
         self._prs: dict[str, int] = {}
 
     # --- accounts ---------------------------------------------------------------------------
@@ -328,6 +330,10 @@ class _UploadHandler(_Handler):
 
     def _commit(self, repo_id: str, rev: str, create_pr: bool) -> dict:
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        with self.up._lock:
+            fail, self.up.fail_commits = self.up.fail_commits > 0, max(0, self.up.fail_commits - 1)
+        if fail:
+            raise HubError(500, "InternalError", "Internal Error - we're working hard to fix this")
         _, parent = self.up.snapshot(repo_id, rev)
         message, files, deleted = "", {}, []
         for line in lines:

@@ -315,3 +315,31 @@ def test_a_connection_dropped_once_is_retried_by_the_client(
     assert code == 0, stderr
     assert hub.drop[sha256(shard)] == 0 and hub.received.count(sha256(shard)) == 1
     assert files_of(download("team/once")) == files_of(out)
+
+
+def test_a_folder_that_is_no_merge_output_is_refused(hub: UploadHub, tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    code, stdout, stderr = cli("publish", tmp_path / "plain", "team/x")
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"error: {tmp_path / 'plain'}: no {MANIFEST_NAME}; ")
+    assert stderr.endswith("; nothing was published\n") and len(stderr.splitlines()) == 1
+    assert "team/x" not in hub.repos
+
+
+def test_a_server_error_is_one_line_and_commits_nothing(
+    hub: UploadHub, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)
+    hub.fail_commits = 1
+    code, stdout, stderr = cli("publish", "-q", out, "team/e")
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("error: publish to team/e: the Hub failed (Server error '500 ")
+    assert stderr.endswith("rerun the same command to resume (uploaded files are kept)\n")
+    assert len(stderr.splitlines()) == 1
+    assert [c.message for c in hub.commits] == ["initial commit"]
+    blobs = len(hub.received)
+    assert cli("publish", "-q", out, "team/e")[0] == 0
+    assert len(hub.received) == blobs  # the blobs of the failed publish were not sent again
+    assert files_of(download("team/e")) == files_of(out)

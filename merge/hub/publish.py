@@ -122,8 +122,8 @@ def _verified(out: Path) -> dict[str, str]:
         raise PublishError(f"{out}: not a directory; publish a merge output (merge run)")
     try:
         verdict = verify(out)
-    except MergeError as e:
-        raise PublishError(f"{out}: cannot publish: {e.problems[0]}") from e
+    except MergeError as e:  # no readable manifest: the message names OUT and what to do
+        raise PublishError(f"{e.problems[0]}; nothing was published") from e
     if not verdict.ok:
         more = f" and {len(verdict.problems) - 1} more" if len(verdict.problems) > 1 else ""
         raise PublishError(
@@ -245,9 +245,15 @@ def _explain(e: BaseException, repo_id: str, revision: str) -> PublishError | No
         if isinstance(cause, hf.RepositoryNotFoundError):
             return PublishError(f"{where}: {_denied(cause, repo_id)}")
         if isinstance(cause, hf.HfHubHTTPError):
-            if getattr(cause.response, "status_code", None) in (401, 403):
+            status = getattr(cause.response, "status_code", None) or 0
+            if status in (401, 403):
                 return PublishError(f"{where}: {_denied(cause, repo_id)}")
-            return PublishError(f"{where}: the Hub refused: {_first_line(cause)}; {rerun}")
+            if status >= 500 or status == 429:
+                return PublishError(f"{where}: the Hub failed ({_first_line(cause)}); {rerun}")
+            return PublishError(
+                f"{where}: the Hub refused the upload ({_first_line(cause)}); nothing was "
+                "committed: check REPO_ID and the options"
+            )
         if _is_network_error(cause):
             return PublishError(
                 f"{where}: network failure ({type(cause).__name__}: {_first_line(cause)}); "
