@@ -131,7 +131,8 @@ def run(
     def go() -> str:
         dev = device_name(device, cuda, gpu_rich)
         Resources.resolve(threads, max_memory, dev)  # bad options before recipe problems
-        send = publishing.publisher()  # a missing token fails now, not after the build
+        # a missing token fails now, not after the build
+        send = publishing.publisher(echo=None if quiet else _note_line)
         settings = Settings(
             seed=seed,
             shard_size=out_shard_size,

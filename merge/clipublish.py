@@ -1,10 +1,11 @@
 """``merge publish`` and the publishing options that ``merge run`` / ``merge rebuild`` share
 with it (``--push-to-hub REPO_ID``), over ``merge.hub.publish``.
 
-``Publishing`` holds the options; ``publisher(out_known)`` checks the token first (so a missing
-one fails before a long build) and returns the function a build calls with its output. What it
-prints: the one-line result on stdout (``merge publish``) or stderr (after a build, whose own
-summary is the data). Errors are ``merge.clihelp``'s: one line each, exit 2.
+``Publishing`` holds the options; ``publisher()`` checks the token first (so a missing one
+fails before a long build) and returns the function a build calls with its output. The
+one-line result goes to stdout (``merge publish``), to stderr after ``merge run`` (unless
+``--quiet``), and ends ``merge rebuild``'s summary line. Errors are ``merge.clihelp``'s: one
+line each, exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated
 import typer
 
 from merge import options as opt
-from merge.clihelp import _guard, _note_line
+from merge.clihelp import _guard
 
 PANEL = "Publishing"
 
@@ -93,16 +94,16 @@ class Publishing:
     delete_extra: bool = False
     quiet: bool = False
 
-    def publisher(self, echo: Callable[[str], None] = _note_line) -> Callable[[Path], None] | None:
+    def publisher(self, echo: Callable[[str], None] | None = None) -> Callable[[Path], str] | None:
         """None without a repo; else check the token now and return ``publish(out)``, which
-        ``echo``es the one-line result."""
+        returns the one-line result and ``echo``es it too when given."""
         from merge.hub import publish, resolve_token
 
         if self.repo_id is None:
             return None
         repo_id, token = self.repo_id, resolve_token(self.token)
 
-        def go(out: Path) -> None:
+        def go(out: Path) -> str:
             result = publish(
                 out,
                 repo_id,
@@ -114,8 +115,9 @@ class Publishing:
                 delete_extra=self.delete_extra,
                 progress=not self.quiet,
             )
-            if echo is not _note_line or not self.quiet:
+            if echo is not None:
                 echo(result.summary())
+            return result.summary()
 
         return go
 

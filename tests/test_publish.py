@@ -145,7 +145,13 @@ def test_publish_story(
         "rebuild", "-q", recipe, out, "--out-shard-size", "1MB", "--push-to-hub", "team/merged"
     )
     assert code == 0, stderr
+    changed = {s for s in shards if sha256(out / s) != before[s]}
     assert stdout.startswith(f"rebuilt {out} (org/b: the default branch moved")
+    assert stdout.endswith(
+        f"files verify; published to {hub.endpoint}/team/merged (main): {hub.endpoint}/team/"
+        f"merged/commit/{hub.commits[-1].sha} ({len(changed) + 2} uploaded, "
+        f"{len(files_of(out)) - len(changed) - 2} unchanged)\n"
+    )
     changed = {s for s in shards if sha256(out / s) != before[s]}
     assert changed and changed != set(shards)
     assert sorted(hub.received[len(received) :]) == sorted(sha256(out / s) for s in changed)

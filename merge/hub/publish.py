@@ -4,11 +4,11 @@ Design
 ------
 ``publish(out, repo_id, ...)`` runs, in this order, and stops at the first failure:
 
-1. ``merge verify`` on OUT (``merge.build.manifest.verify``): an output that does not match its
+1. The token: ``token=``, else ``HF_TOKEN``, else the one ``hf auth login`` saved
+   (``huggingface_hub.get_token``); none is an error before any request or any reading
+   (``resolve_token``, also called by the CLI before a long build).
+2. ``merge verify`` on OUT (``merge.build.manifest.verify``): an output that does not match its
    manifest is never published.
-2. The token: ``token=``, else ``HF_TOKEN``, else the one ``hf auth login`` saved
-   (``huggingface_hub.get_token``); none is an error before any request (``resolve_token``, also
-   called by the CLI before a long build).
 3. ``create_repo(exist_ok=True, private=...)``; with ``revision``, the branch is created from
    the default branch when missing, except with ``create_pr``, where it must exist.
 4. Change detection: the target revision's file listing (``list_repo_tree`` with the Hub's
@@ -97,8 +97,8 @@ def publish(
     from huggingface_hub import HfApi
 
     out = Path(out)
+    token = resolve_token(token)  # before verify, which reads every byte of OUT
     sha256s = _verified(out)
-    token = resolve_token(token)
     api = HfApi(endpoint=hub_endpoint(), token=token)
     branch = revision or "main"
     with _publish_errors(repo_id, branch), _progress(progress):
@@ -140,6 +140,7 @@ def _remote_files(api: Any, repo_id: str, branch: str, create_pr: bool) -> dict[
     """The target revision's files (path -> RepoFile); a missing branch is created first,
     unless a pull request is asked for."""
     from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.hf_api import RepoFile
 
     try:
         entries = list(api.list_repo_tree(repo_id, revision=branch, recursive=True))
@@ -148,7 +149,7 @@ def _remote_files(api: Any, repo_id: str, branch: str, create_pr: bool) -> dict[
             raise
         api.create_branch(repo_id, branch=branch, exist_ok=True)
         entries = list(api.list_repo_tree(repo_id, revision=branch, recursive=True))
-    return {e.path: e for e in entries if hasattr(e, "blob_id")}
+    return {e.path: e for e in entries if isinstance(e, RepoFile)}
 
 
 def _operations(
