@@ -33,7 +33,9 @@ that is neither the user nor one of its orgs, ``403`` (with ``X-Error-Message``)
 token. Counters for tests: ``.received`` (sha256 of each blob received whole, in order),
 ``.commits`` (each ``Commit`` made), ``.blob_puts`` (PUTs begun).
 
-Not implemented: multipart LFS transfer, Xet, ``parentCommit`` checks, folder deletions, repo
+A ``parentCommit`` that is not the branch's head gets ``412``, as on the Hub.
+
+Not implemented: multipart LFS transfer, Xet, folder deletions, repo
 types other than model, gitignore handling.
 """
 
@@ -340,6 +342,9 @@ class _UploadHandler(_Handler):
             key, value = line["key"], line["value"]
             if key == "header":
                 message = value["summary"]
+                head = self.up.names[repo_id].get(unquote(rev), unquote(rev))
+                if value.get("parentCommit", head) != head:
+                    raise HubError(412, "PreconditionFailed", "A commit has happened since")
             elif key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
             elif key == "lfsFile":

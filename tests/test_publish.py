@@ -7,6 +7,7 @@ line with exit 2 and publishes nothing."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,3 +350,28 @@ def test_a_server_error_is_one_line_and_commits_nothing(
     assert cli("publish", "-q", out, "team/e")[0] == 0
     assert len(hub.received) == blobs  # the blobs of the failed publish were not sent again
     assert files_of(download("team/e")) == files_of(out)
+
+
+def test_a_branch_that_moved_meanwhile_is_not_overwritten(
+    hub: UploadHub, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone pushes between the comparison and the commit: the Hub refuses the commit, whose
+    parent is the compared head, and the error says to rerun."""
+    pub = importlib.import_module("merge.hub.publish")  # merge.hub.publish is the function
+    compare = pub._operations
+
+    def push_meanwhile(*args: object) -> list:
+        ops = compare(*args)  # type: ignore[arg-type]
+        _, folder = hub.snapshot("team/m", "main")
+        hub.commit("team/m", "main", "theirs", {"theirs.txt": b"x"}, [], folder)
+        return ops
+
+    hub.create("team/m", private=False)
+    monkeypatch.setattr(pub, "_operations", push_meanwhile)
+    code, stdout, stderr = cli("publish", "-q", out, "team/m")
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        "error: publish to team/m: 'main' moved while publishing (someone else pushed); nothing "
+        "was committed: rerun to compare with the new head\n"
+    )
+    assert [c.message for c in hub.commits] == ["initial commit", "theirs"]

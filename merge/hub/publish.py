@@ -20,6 +20,8 @@ Design
    ``create_commit`` (``create_pr`` opens a pull request instead): huggingface_hub preuploads
    the LFS blobs first, asking the Hub which it already has, so an interrupted publish, rerun,
    sends only the blobs that had not arrived. The commit is atomic: nothing is half-published.
+   It names the compared commit as its parent, so a branch that moved meanwhile (someone
+   else's push) is refused by the Hub rather than overwritten on a stale comparison.
 
 Files are uploaded exactly as they are in OUT (the model card included), so the repo's files
 are byte-equal to OUT and ``merge verify`` holds for a download of it. All traffic goes through
@@ -103,14 +105,19 @@ def publish(
     branch = revision or "main"
     with _publish_errors(repo_id, branch), _progress(progress):
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-        remote = _remote_files(api, repo_id, branch, create_pr)
+        parent, remote = _remote_files(api, repo_id, branch, create_pr)
         result = PublishResult(repo_id, url, branch)
         ops = _operations(out, sha256s, remote, delete_extra, result)
         if not ops:
             return result
         message = commit_message or f"Upload merge output ({len(result.uploaded)} files)"
         info = api.create_commit(
-            repo_id, ops, commit_message=message, revision=branch, create_pr=create_pr
+            repo_id,
+            ops,
+            commit_message=message,
+            revision=branch,
+            create_pr=create_pr,
+            parent_commit=parent,  # the commit compared with: the Hub refuses if it moved
         )
     result.commit_url, result.pr_url = info.commit_url, info.pr_url
     return result
@@ -136,20 +143,23 @@ def _verified(out: Path) -> dict[str, str]:
     return files
 
 
-def _remote_files(api: Any, repo_id: str, branch: str, create_pr: bool) -> dict[str, Any]:
-    """The target revision's files (path -> RepoFile); a missing branch is created first,
-    unless a pull request is asked for."""
+def _remote_files(
+    api: Any, repo_id: str, branch: str, create_pr: bool
+) -> tuple[str, dict[str, Any]]:
+    """The target branch's head commit and its files (path -> RepoFile); a missing branch is
+    created first, unless a pull request is asked for."""
     from huggingface_hub.errors import RevisionNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
     try:
-        entries = list(api.list_repo_tree(repo_id, revision=branch, recursive=True))
+        head = api.model_info(repo_id, revision=branch).sha
     except RevisionNotFoundError:
         if create_pr:
             raise
         api.create_branch(repo_id, branch=branch, exist_ok=True)
-        entries = list(api.list_repo_tree(repo_id, revision=branch, recursive=True))
-    return {e.path: e for e in entries if isinstance(e, RepoFile)}
+        head = api.model_info(repo_id, revision=branch).sha
+    entries = api.list_repo_tree(repo_id, revision=head, recursive=True)
+    return head, {e.path: e for e in entries if isinstance(e, RepoFile)}
 
 
 def _operations(
@@ -249,6 +259,11 @@ def _explain(e: BaseException, repo_id: str, revision: str) -> PublishError | No
             status = getattr(cause.response, "status_code", None) or 0
             if status in (401, 403):
                 return PublishError(f"{where}: {_denied(cause, repo_id)}")
+            if status in (409, 412):  # parent_commit is no longer the branch's head
+                return PublishError(
+                    f"{where}: '{revision}' moved while publishing (someone else pushed); "
+                    "nothing was committed: rerun to compare with the new head"
+                )
             if status >= 500 or status == 429:
                 return PublishError(f"{where}: the Hub failed ({_first_line(cause)}); {rerun}")
             return PublishError(
