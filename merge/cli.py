@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from merge import __version__, clibuild
+from merge import clipublish as pub
 from merge import options as opt
 from merge.clihelp import (  # noqa: F401 (_startup: main's state, tests patch it here)
     _fail,
@@ -84,6 +85,13 @@ def run(
     intermediate_dir: opt.IntermediateDirOpt = None,
     lazy: opt.LazyOpt = True,
     out_path: opt.OutPathOpt = None,
+    push_to_hub: pub.PushToHubOpt = None,
+    private: pub.PrivateOpt = False,
+    revision: pub.RevisionOpt = None,
+    create_pr: pub.CreatePrOpt = False,
+    commit_message: pub.CommitMessageOpt = None,
+    token: pub.TokenOpt = None,
+    delete_extra: pub.DeleteExtraOpt = False,
     quiet: opt.QuietOpt = False,
     # mergekit's options with no effect: each given one leaves its notice (opt.notices)
     lazy_unpickle: opt.LazyUnpickle = None,
@@ -105,7 +113,10 @@ def run(
     """Merge the models of RECIPE into OUT.
 
     A multi-stage RECIPE (several YAML documents) builds each named stage in
-    DIR/<name> and the unnamed one into OUT, rebuilding only what changed."""
+    DIR/<name> and the unnamed one into OUT, rebuilding only what changed.
+
+    With --push-to-hub, OUT is then published (as merge publish)."""
+    from merge.api import default_output
     from merge.build.multistage import Settings
     from merge.build.runner import run_file
     from merge.execute import Resources
@@ -114,10 +125,15 @@ def run(
     if out is not None and out_path is not None and out != out_path:
         _fail([f"give the output once: OUT ({out}) or --out-path ({out_path})"])
     target = out if out is not None else out_path
+    publishing = pub.Publishing(
+        push_to_hub, private, revision, create_pr, commit_message, token, delete_extra, quiet
+    )
 
     def go() -> str:
         dev = device_name(device, cuda, gpu_rich)
         Resources.resolve(threads, max_memory, dev)  # bad options before recipe problems
+        # a missing token fails now, not after the build
+        send = publishing.publisher(echo=None if quiet else _note_line)
         settings = Settings(
             seed=seed,
             shard_size=out_shard_size,
@@ -129,7 +145,7 @@ def run(
             locked=locked,
             license=license,
         )
-        return run_file(
+        said = run_file(
             recipe,
             target,
             settings=settings,
@@ -139,6 +155,9 @@ def run(
             report=None if quiet else _note_line,
             **_reporting(quiet, threads, max_memory, dev),
         )
+        if send is not None:
+            send(target if target is not None else default_output(recipe))
+        return said
 
     start = time.perf_counter()
     said = _guard(go, quiet, opt.notices(ctx))

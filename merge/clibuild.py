@@ -1,5 +1,5 @@
-"""The build commands of ``merge``: verify, lock, outdated, rebuild (``merge.build``) and card
-(``merge.card.output``).
+"""The build commands of ``merge``: verify, lock, outdated, rebuild (``merge.build``), card
+(``merge.card.output``) and ``merge publish`` (``merge.clipublish``), registered after them.
 
 ``register(app)`` adds them to ``merge.cli.app``; they share ``merge.clihelp``: user errors
 print one line each and exit 2, data goes to stdout, the rest to stderr.
@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from merge import clipublish as pub
 from merge import options as opt
 from merge.clihelp import _guard, _note_line, _reporting, _warn
 
@@ -114,6 +115,13 @@ def rebuild(
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
     license: opt.LicenseOpt = None,
+    push_to_hub: pub.PushToHubOpt = None,
+    private: pub.PrivateOpt = False,
+    revision: pub.RevisionOpt = None,
+    create_pr: pub.CreatePrOpt = False,
+    commit_message: pub.CommitMessageOpt = None,
+    token: pub.TokenOpt = None,
+    delete_extra: pub.DeleteExtraOpt = False,
     quiet: opt.QuietOpt = False,
     help: opt.HelpOpt = False,
 ) -> None:
@@ -123,6 +131,8 @@ def rebuild(
 
     If that, or OUT is missing, stale or fails verify: merge run --locked, merge verify.
 
+    With --push-to-hub, then publish the verified OUT (as merge publish).
+
     Exit 0 with a one-line summary of what it did, 2 on an error."""
     from merge.build.multistage import Settings
     from merge.build.rebuild import rebuild as bring_up_to_date
@@ -130,9 +140,14 @@ def rebuild(
     from merge.execute import Resources
     from merge.settings import device_name
 
+    publishing = pub.Publishing(
+        push_to_hub, private, revision, create_pr, commit_message, token, delete_extra, quiet
+    )
+
     def go() -> str:
         dev = device_name(device)
         Resources.resolve(threads, max_memory, dev)
+        send = publishing.publisher()  # a missing token fails now, not after the build
         settings = Settings(
             shard_size=out_shard_size,
             allow_crimes=allow_crimes,
@@ -153,7 +168,8 @@ def rebuild(
                 **_reporting(quiet, threads, max_memory, dev),
             )
 
-        done = bring_up_to_date(recipe, out, build=build, report=None if quiet else _note_line)
+        report = None if quiet else _note_line
+        done = bring_up_to_date(recipe, out, build=build, publish=send, report=report)
         return done.summary()
 
     typer.echo(_guard(go, quiet))
@@ -161,5 +177,5 @@ def rebuild(
 
 def register(app: typer.Typer) -> None:
     """Add the build commands to ``app``, in this order."""
-    for command in (verify, lock, outdated, rebuild, card):
+    for command in (verify, lock, outdated, rebuild, card, pub.publish):
         app.command(add_help_option=False)(command)

@@ -32,7 +32,8 @@ The endpoints are the ones huggingface_hub 2.4 calls to read a model repo (see `
 
 Errors carry the Hub's ``X-Error-Code``: ``RepoNotFound`` (404), ``RevisionNotFound`` (404),
 ``EntryNotFound`` (404), ``GatedRepo`` (401, for repos listed in ``gated``). Not implemented:
-authentication, pagination, multi-part or suffix ranges, redirects to a CDN, Xet, uploads.
+authentication, pagination, multi-part or suffix ranges, redirects to a CDN, Xet; uploads
+are ``hubupload.UploadHub``'s.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def _file_info(path: str, data: bytes) -> dict:
 class HubServer:
     """Serve ``repos`` (repo id -> {revision or sha -> folder}) on 127.0.0.1 while entered."""
 
+    handler: type[BaseHTTPRequestHandler]  # set below: ``_Handler``; ``hubupload`` extends it
+
     def __init__(self, repos: dict[str, dict[str, Path]], gated: tuple[str, ...] = ()) -> None:
         self.names = {repo: {r: commit_sha(repo, r) for r in revs} for repo, revs in repos.items()}
         self.repos = {
@@ -148,7 +151,7 @@ class HubServer:
         self.endpoint = ""
 
     def __enter__(self) -> HubServer:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
         self._httpd.daemon_threads = True
         self._httpd.hub = self  # type: ignore[attr-defined]
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
@@ -299,7 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
             result: object = self.hub.tree(folder, unquote(m["path"] or ""), recursive)
         else:
             siblings = [{"rfilename": p} for p in self.hub.files(folder)]
-            result = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False}
+            private = repo_id in getattr(self.hub, "private", ())
+            result = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": private}
             result.update(gated=False, disabled=False, siblings=siblings)
         data = json.dumps(result).encode()
         self._send(200, data, {"Content-Type": "application/json"}, body)
@@ -341,3 +345,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(data)
+
+
+HubServer.handler = _Handler

@@ -15,7 +15,7 @@ Design
    (a multi-stage recipe rebuilds only the stages whose key changed), then OUT must verify.
    An OUT that exists but is no merge output (no manifest) is refused, never replaced.
 4. **Publish** (``publish(out)``, the seam for ``--push-to-hub``) once OUT is verified, built
-   now or up to date.
+   now or up to date; the line it returns ends the summary.
 
 The result's ``summary`` is the one line CI shows: what it did and why.
 
@@ -46,8 +46,13 @@ class Rebuild:
     built: str | None = None  # the build's own summary
     verified: int = 0  # files checked against the manifest
     published: bool = False
+    publish_summary: str | None = None  # what ``publish`` said it did
 
     def summary(self) -> str:
+        said = self._built_summary()
+        return f"{said}; {self.publish_summary}" if self.publish_summary else said
+
+    def _built_summary(self) -> str:
         if self.built is None:
             return f"{self.out} is up to date: no input moved and its {self.verified} files verify"
         n = len(self.lock_changes)
@@ -61,7 +66,7 @@ def rebuild(
     out: str | Path,
     *,
     build: Callable[[Path], str],
-    publish: Callable[[Path], None] | None = None,
+    publish: Callable[[Path], str | None] | None = None,
     report: Callable[[str], None] | None = None,
 ) -> Rebuild:
     """See the module docstring. ``report`` gets a line per step (what moved, the build's
@@ -87,7 +92,7 @@ def rebuild(
             )
         done.verified = verdict.checked
     if publish is not None:
-        publish(out)
+        done.publish_summary = publish(out)
         done.published = True
     return done
 

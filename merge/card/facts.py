@@ -15,8 +15,9 @@ inputs.
 - ``license``: the one every input card that states a license gives; inputs that state none
   do not count; a disagreement leaves it out with a warning naming each input's license; the
   ``license`` override (``--license``) wins;
-- ``language`` and ``datasets``: kept when every input card that states them gives the same
-  set, else left out;
+- ``language`` and ``datasets``: kept when every input's card states the same set; an input
+  without a card or without the field leaves it out (unlike the license, nothing is known of
+  what that input was trained on or speaks);
 - ``pipeline_tag``: the config donor's card value, else from the config's architectures
   (``*ForCausalLM`` -> ``text-generation``; a config with a ``vision_config`` ->
   ``image-text-to-text``), else left out;
@@ -136,10 +137,11 @@ def infer_license(licenses: Mapping[str, str | None]) -> tuple[str | None, str |
 
 
 def _agreed(values: list[list[str] | None]) -> list[str] | None:
-    stated = [v for v in values if v]
-    if not stated or any(v != stated[0] for v in stated):
+    """The one value every input states; None when any input states none or another one (a
+    merge's languages or datasets are only known when all of its inputs say the same)."""
+    if not values or any(not v or v != values[0] for v in values):
         return None
-    return stated[0]
+    return values[0]
 
 
 def pipeline_tag(donor_tag: str | None, architectures: list[str], vision: bool) -> str | None:

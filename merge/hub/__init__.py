@@ -8,7 +8,10 @@
 - ``meta``: what a lock asks: a revision's commit and that commit's files with size and, for
   LFS files, sha256 (``remote_snapshot``), without downloading weights.
 
-Publishing will be a module of this package too; callers import from ``merge.hub``.
+- ``publish``: upload a verified merge output to a model repo, only the files that changed,
+  in one commit or pull request (``publish``, ``resolve_token``).
+
+Callers import from ``merge.hub``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from merge.hub.download import (
     select_files,
 )
 from merge.hub.meta import RemoteFile, RemoteSnapshot, fetch_files, remote_snapshot
+from merge.hub.publish import PublishResult, publish, resolve_token
 from merge.hub.remote import (
     RemoteCheckpoint,
     RemoteModel,
@@ -39,6 +43,7 @@ from merge.hub.remote import (
 __all__ = [
     "NEEDED_FILES",
     "HubUnreachableError",
+    "PublishResult",
     "RemoteFile",
     "RemoteSnapshot",
     "RemoteCheckpoint",
@@ -56,6 +61,8 @@ __all__ = [
     "offline_reason",
     "probe_hub",
     "probe_timeout",
+    "publish",
     "remote_snapshot",
+    "resolve_token",
     "select_files",
 ]
