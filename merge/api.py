@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from merge import __version__
 from merge.build.locked import LockUse, use_lock
 from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_manifest
-from merge.card.output import LOCK_NAME, RECIPE_NAME
+from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_NAME
 from merge.card.output import write as write_card_files
 from merge.errors import OutputError
 from merge.execute import Resources, execute
@@ -229,10 +229,17 @@ def write_extras(p: Plan, out: Path, *, copy_tokenizer: bool = True) -> None:
     (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
 
 
-def _copy_lock(p: Plan, lock: LockUse | None, out: Path) -> None:
+def _copy_lock(p: Plan, lock: LockUse | None, out: Path, stages_text: str | None) -> None:
     """The lock the run used, as ``merge-recipe.lock`` beside ``merge-recipe.yaml``, when it
-    is the lock of exactly that text (not for a stage of a multi-stage file, whose lock is
-    the whole file's): ``merge run --locked OUT/merge-recipe.yaml`` then rebuilds OUT."""
+    is the lock of exactly that text: ``merge run --locked OUT/merge-recipe.yaml`` then
+    rebuilds OUT. A multi-stage build's final output (``stages_text``: the whole file) gets
+    the whole file as ``merge-stages.yaml`` and, when the lock is that file's, its lock as
+    ``merge-stages.lock``: ``merge run --locked OUT/merge-stages.yaml`` rebuilds every stage."""
+    if stages_text is not None:
+        (out / STAGES_NAME).write_text(stages_text, encoding="utf-8")
+        if lock is not None and lock.lock.recipe_sha256 == sha256_text(stages_text):
+            (out / STAGES_LOCK_NAME).write_bytes(lock.lock.path.read_bytes())
+        return
     if lock is not None and lock.lock.recipe_sha256 == sha256_text(p.recipe.text):
         (out / LOCK_NAME).write_bytes(lock.lock.path.read_bytes())
 
@@ -279,6 +286,7 @@ def run(
     lock: LockUse | None = None,
     lock_sha256: str | None = None,
     build_key: str | None = None,
+    stages_text: str | None = None,
     license: str | None = None,
 ) -> Path:
     """Merge: plan, check the output location, download the weights of Hub models not in the
@@ -329,7 +337,7 @@ def run(
                 with AtomicOutput(target, overwrite) as tmp:
                     execute(p, tmp, progress=progress, computed=computed, resources=resources)
                     write_extras(p, tmp, copy_tokenizer=copy_tokenizer)
-                    _copy_lock(p, lock, tmp)
+                    _copy_lock(p, lock, tmp, stages_text)
                     inputs = hashes.result()
                     if write_card:
                         said = write_card_files(

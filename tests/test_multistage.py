@@ -566,3 +566,53 @@ def test_rebuild_rebuilds_only_downstream_of_what_moved(
     ]
     assert stats(st / "first") == first
     assert cli("verify", out)[0] == 0 and cli("outdated", recipe)[0] == 0
+
+
+def test_the_final_output_reproduces_from_its_own_copy_of_the_file_and_lock(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    recipe = write_multi(tmp_path, models)
+    assert cli("lock", recipe)[0] == 0
+    code, stderr = build(recipe, tmp_path, "--locked")
+    assert code == 0, stderr
+    out = tmp_path / "out"
+    assert (out / "merge-stages.yaml").read_text() == recipe.read_text()
+    assert (out / "merge-stages.lock").read_bytes() == (tmp_path / "multi.lock").read_bytes()
+    assert not (out / "merge-recipe.lock").exists()  # merge-recipe.yaml is one stage's text
+    card = (out / "README.md").read_text()
+    assert "pip install mergesmith==" in card and "merge run --locked merge-stages.yaml" in card
+    assert recipe.read_text() in card  # the whole file is the recipe shown
+    # a downloader with the inputs at the same paths: the two files rebuild every stage
+    again = tmp_path / "download"
+    again.mkdir()
+    for name in ("merge-stages.yaml", "merge-stages.lock"):
+        (again / name).write_bytes((out / name).read_bytes())
+    code, _, stderr = cli(
+        "run", "--locked", again / "merge-stages.yaml", again / "out", "-I", again / "st"
+    )
+    assert code == 0, stderr
+    for name in ("model.safetensors", "README.md", "merge-stages.lock", "config.json"):
+        assert (again / "out" / name).read_bytes() == (out / name).read_bytes(), name
+    assert cli("verify", again / "out")[0] == 0
+
+
+def test_a_change_outside_the_final_stage_refreshes_its_copy_of_the_file(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    recipe = write_multi(tmp_path, models)
+    extra = "name: extra\nmerge_method: linear\nmodels:\n  - model: {ft1}\n"
+    extra += "    parameters: {{weight: {w}}}\n"  # a stage that no other stage uses
+    recipe.write_text(recipe.read_text() + "---\n" + extra.format(w=1.0, **models))
+    assert build(recipe, tmp_path)[0] == 0
+    final = read_manifest(tmp_path / "out")["build_key"]
+    recipe.write_text(recipe.read_text().replace("{weight: 1.0}", "{weight: 0.5}"))
+    code, stderr = build(recipe, tmp_path, "--overwrite")
+    assert code == 0, stderr
+    assert stage_lines(stderr) == [
+        "stage first: up to date",
+        "stage second: up to date",
+        "final stage: built",  # its merge-stages.yaml is the file, which changed
+        "stage extra: built",
+    ]
+    assert read_manifest(tmp_path / "out")["build_key"] != final
+    assert (tmp_path / "out" / "merge-stages.yaml").read_text() == recipe.read_text()

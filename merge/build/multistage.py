@@ -200,8 +200,12 @@ def _show_folders(sp: StagePlan, folders: Mapping[str, Path]) -> None:
             model.directory = folders[name]
 
 
-def stage_keys(plans: list[StagePlan], settings: Settings) -> dict[str | None, str]:
-    """Each stage's content key (see the module docstring), by stage name (None: unnamed)."""
+def stage_keys(
+    plans: list[StagePlan], settings: Settings, final: Mapping[str, Any] | None = None
+) -> dict[str | None, str]:
+    """Each stage's content key (see the module docstring), by stage name (None: unnamed).
+    ``final`` joins the final stage's key: what its output holds beyond its own stage (the
+    whole file and the lock's sha256, copied there for reproduction)."""
     keys: dict[str | None, str] = {}
     options = settings.key_options()
     for sp in plans:
@@ -213,6 +217,8 @@ def stage_keys(plans: list[StagePlan], settings: Settings) -> dict[str | None, s
             "tool_version": __version__,
             "options": options,
         }
+        if sp.stage.final and final:
+            material["final"] = dict(final)
         text = json.dumps(material, sort_keys=True, separators=(",", ":"))
         keys[sp.stage.name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return keys

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from merge.api import default_output, run
-from merge.build.manifest import MANIFEST_NAME, read_manifest
+from merge.build.manifest import MANIFEST_NAME, read_manifest, sha256_text
 from merge.build.multistage import Settings, StagePlan, plan_stages, stage_keys, stages_lock
 from merge.build.stages import Stages
 from merge.errors import BuildError, OutputError
@@ -103,8 +103,11 @@ def run_stages(
     folders = stage_folders(stages, intermediate_dir)
     lock = stages_lock(stages, settings)
     plans = plan_stages(stages, settings, folders, lock)
-    keys = stage_keys(plans, settings)
+    whole = stages.file.read_text(encoding="utf-8")
+    final = {"file": sha256_text(whole), "lock": lock.sha256 if lock is not None else None}
+    keys = stage_keys(plans, settings, final)
     steps = [_step(sp, target, folders, keys, lazy) for sp in plans]
+    run_options = {**run_options, "stages_text": whole}
     _check_outputs(steps, target, folders, overwrite)
     done = StagesRun(target)
     for step in steps:
@@ -115,7 +118,10 @@ def run_stages(
                 report(f"{label}: up to date ({step.out})")
             continue
         start = time.perf_counter()
-        _build(step, folders, settings, overwrite, warn, {**run_options, "lock": lock})
+        options = {**run_options, "lock": lock}
+        if not step.sp.stage.final:
+            options.pop("stages_text")
+        _build(step, folders, settings, overwrite, warn, options)
         done.built.append(label)
         if report is not None:
             report(f"{label}: built {step.out} in {time.perf_counter() - start:.2f} s")

@@ -35,13 +35,30 @@ if TYPE_CHECKING:  # pragma: no cover
 CARD_NAME = "README.md"
 RECIPE_NAME = "merge-recipe.yaml"
 LOCK_NAME = "merge-recipe.lock"
+# A multi-stage build's final output also holds the whole file and its lock: it reproduces
+# from those (its merge-recipe.yaml is its own stage's document, which names earlier stages).
+STAGES_NAME = "merge-stages.yaml"
+STAGES_LOCK_NAME = "merge-stages.lock"
+
+
+def reproduction(out: Path) -> tuple[str, str | None]:
+    """(the recipe file a downloader runs, its lock or None) among ``out``'s files."""
+    if (out / STAGES_NAME).is_file():
+        return STAGES_NAME, STAGES_LOCK_NAME if (out / STAGES_LOCK_NAME).is_file() else None
+    return RECIPE_NAME, LOCK_NAME if (out / LOCK_NAME).is_file() else None
+
+
+def _shown(out: Path, recipe_text: str) -> str:
+    """The recipe the card shows: a multi-stage build's whole file, else the output's own."""
+    stages = out / STAGES_NAME
+    return stages.read_text(encoding="utf-8") if stages.is_file() else recipe_text
 
 
 def render(
     facts: Mapping[str, Any],
     recipe_text: str,
     inputs: Sequence[Mapping[str, Any]],
-    has_lock: bool,
+    files: tuple[str, str | None],
     license: str | None = None,
 ) -> tuple[str, list[str]]:
     """(README.md's text, the warnings of its fields) from what the card is made of."""
@@ -62,8 +79,8 @@ def render(
         title=facts["title"],
         inputs=inputs,
         fields=fields,
-        recipe_name=RECIPE_NAME,
-        lock_name=LOCK_NAME if has_lock else None,
+        recipe_name=files[0],
+        lock_name=files[1],
     )
     return text, warnings
 
@@ -79,7 +96,7 @@ def write(
     """Write ``merge-card.json`` and ``README.md`` of a build into ``out``; the warnings."""
     facts = card_facts.gather(p, tool_version, license)
     (out / CARD_DATA_NAME).write_text(card_facts.dump(facts), encoding="utf-8")
-    text, warnings = render(facts, p.recipe.text, inputs, (out / LOCK_NAME).is_file())
+    text, warnings = render(facts, _shown(out, p.recipe.text), inputs, reproduction(out))
     (out / CARD_NAME).write_text(text, encoding="utf-8")
     return warnings
 
@@ -110,7 +127,10 @@ def card(out: str | Path, *, license: str | None = None, write: bool = False) ->
     if license is not None:
         facts["license"] = license
     text, warnings = render(
-        facts, recipe.read_text(encoding="utf-8"), manifest["inputs"], (out / LOCK_NAME).is_file()
+        facts,
+        _shown(out, recipe.read_text(encoding="utf-8")),
+        manifest["inputs"],
+        reproduction(out),
     )
     result = Card(text, warnings)
     if write:
