@@ -14,6 +14,10 @@ and prints one markdown table:
 - ``merge lock`` of the same recipe over the local folders with an empty hash cache (every
   file read and hashed) and again (``--update``: every entry resolved again, from the cache),
   and ``merge outdated``;
+- ``merge publish`` of the TIES output (50 MB shards) to the upload server
+  (``tests/hubupload.py``): the first publish (every file), an unchanged republish (nothing
+  sent, no commit) and, after one tensor of one fine-tune changed and the output was rebuilt,
+  the third (only the shard holding it, and the small files): time, bytes received, commits;
 - ``merge run`` with an empty hash cache (the inputs hashed on a background thread while the
   merge runs, for the manifest) and with a warm one, and ``merge verify`` of the output (every
   byte read), median of ``--repeat`` runs each.
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _bench_models import PRESETS, ensure_models  # noqa: E402
 
 from hubserver import HubServer  # noqa: E402
+from hubupload import Account, UploadHub  # noqa: E402
 
 MB = 1e6
 
@@ -121,6 +126,42 @@ def local_rows(models: list[Path], tmp: Path, repeat: int) -> list[tuple[str, st
     ]
 
 
+def publish_rows(models: list[Path], tmp: Path) -> list[tuple[str, str]]:
+    from safetensors.torch import load_file, save_file
+
+    token = "hf_bench_write"
+    path = recipe(tmp, [str(m) for m in models])
+    out = tmp / "pub-out"
+    shards = ["--out-shard-size", "50MB"]  # several output shards, as a large model has
+    with UploadHub({}, tmp / "hub-store", {token: Account("bench")}) as server:
+        env = environment(tmp / "pub", HF_ENDPOINT=server.endpoint, HF_TOKEN=token)
+        merge(["run", str(path), str(out), *shards], env)
+        total = sum(f.stat().st_size for f in out.iterdir()) / MB
+        rows = []
+        for label in ("first publish", "unchanged republish"):
+            sent, commits = server.bytes_received, len(server.commits)
+            seconds = merge(["publish", str(out), "bench/merged"], env)
+            mb = (server.bytes_received - sent) / MB
+            made = sum(c.message != "initial commit" for c in server.commits[commits:])
+            rows.append(
+                (f"`merge publish`, {label}", f"{seconds:.2f} s, {mb:.1f} MB, {made} commit")
+            )
+        moved = Path(shutil.copytree(models[3], tmp / "ft3-moved"))
+        shard = sorted(moved.glob("model-*.safetensors"))[-1]
+        state = load_file(shard)
+        name = sorted(state)[0]
+        state[name] = state[name] * 1.5  # one tensor of the last shard
+        save_file(state, shard, metadata={"format": "pt"})
+        recipe(tmp, [str(m) for m in models[:3]] + [str(moved)])
+        merge(["run", str(path), str(out), "--overwrite", *shards], env)
+        sent = server.bytes_received
+        seconds = merge(["publish", str(out), "bench/merged"], env)
+        mb = (server.bytes_received - sent) / MB
+        label = "`merge publish` after one input tensor changed"
+        rows.append((label, f"{seconds:.2f} s, {mb:.1f} of {total:.0f} MB"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -131,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-builds-", dir=args.workdir) as name:
         tmp = Path(name)
         rows = hub_rows(models, tmp) + local_rows(models, tmp, args.repeat)
+        rows += publish_rows(models, tmp)
     print(f"| preset `{args.preset}`, TIES of 4 models | |\n|---|---|")
     for label, value in rows:
         print(f"| {label} | {value} |")

@@ -31,7 +31,8 @@ Tokens: ``tokens`` maps a token to an ``Account`` (user name, orgs it may write 
 may write at all). Every write needs one: no token ``401``; a read-only token, or a namespace
 that is neither the user nor one of its orgs, ``403`` (with ``X-Error-Message``). Reads need no
 token. Counters for tests: ``.received`` (sha256 of each blob received whole, in order),
-``.commits`` (each ``Commit`` made), ``.blob_puts`` (PUTs begun).
+``.commits`` (each ``Commit`` made), ``.blob_puts`` (PUTs begun), ``.bytes_received`` (the
+bodies of whole blob PUTs and of commits).
 
 A ``parentCommit`` that is not the branch's head gets ``412``, as on the Hub.
 
@@ -97,6 +98,7 @@ class UploadHub(HubServer):
         self.received: list[str] = []
         self.commits: list[Commit] = []
         self.blob_puts = 0
+        self.bytes_received = 0  # bodies of blob PUTs and commits
         self.drop: dict[str, int] = {}
         self.fail_commits = 0
         self._prs: dict[str, int] = {}
@@ -328,10 +330,14 @@ class _UploadHandler(_Handler):
         tmp.replace(blob)
         with self.up._lock:
             self.up.received.append(oid)
+            self.up.bytes_received += len(data)
         return {}
 
     def _commit(self, repo_id: str, rev: str, create_pr: bool) -> dict:
-        lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        body = self._body()
+        with self.up._lock:
+            self.up.bytes_received += len(body)
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         with self.up._lock:
             fail, self.up.fail_commits = self.up.fail_commits > 0, max(0, self.up.fail_commits - 1)
         if fail:
