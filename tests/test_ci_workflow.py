@@ -112,3 +112,15 @@ def test_a_new_or_changed_lock_is_pushed_and_proposed(tmp_path: Path) -> None:
             check=True,
         ).stdout
         assert shown == text + "changed\n"
+
+
+def test_the_rebuild_line_publishes_only_when_push_to_hub_is_set() -> None:
+    data = yaml.safe_load(TEXT)
+    (job,) = data["jobs"].values()
+    (line,) = [s["run"] for s in job["steps"] if s.get("run", "").startswith("merge rebuild")]
+    assert data["env"]["PUSH_TO_HUB"] == ""
+    shown = line.replace("merge rebuild", "printf '%s\\n' rebuild", 1)
+    for push, want in (("", []), ("org/merged", ["--push-to-hub", "org/merged"])):
+        env = {**os.environ, "RECIPE": "my merge.yaml", "OUT": "out/m", "PUSH_TO_HUB": push}
+        done = subprocess.run(["bash", "-c", shown], env=env, capture_output=True, text=True)
+        assert done.stdout.splitlines() == ["rebuild", "my merge.yaml", "out/m", *want]
