@@ -56,3 +56,113 @@ def test_string_and_file_sizes_are_bounded(tmp_path: Path) -> None:
     assert out.strip() == (
         "error: r.yaml: a recipe of 9,000,022 bytes (at most 8,388,608); is this the right file?"
     )
+
+
+def test_parameters_must_be_finite_within_float32(tmp_path: Path) -> None:
+    code, out = validate(
+        tmp_path,
+        """
+        merge_method: linear
+        parameters:
+          normalize: true
+        models:
+          - model: a/b
+            parameters:
+              weight: .inf
+          - model: c/d
+            parameters:
+              weight: [1, 100000000000000000000000000000000000000000000000000000000000]
+          - model: e/f
+            parameters:
+              weight:
+                - filter: mlp
+                  value: 1.0e+400
+                - value: .nan
+          - model: g/h
+            parameters:
+              weight: 1.0e+39
+        """,
+    )
+    assert code == 2
+    lines = out.strip().splitlines()
+    assert lines[:5] == [
+        "error: r.yaml:7: models[0].parameters.weight: "
+        "must be a finite number within float32 (got inf)",
+        "error: r.yaml:10: models[1].parameters.weight: "
+        "entry 1: must be a finite number within float32 (got an integer of 60 digits)",
+        "error: r.yaml:15: models[2].parameters.weight[0].value: "
+        "must be a finite number within float32 (got inf)",
+        "error: r.yaml:16: models[2].parameters.weight[1].value: "
+        "must be a finite number within float32 (got nan)",
+        "error: r.yaml:19: models[3].parameters.weight: "
+        "must be a finite number within float32 (got 1e+39)",
+    ]
+
+
+def test_integer_parameter_too_large_for_a_float(tmp_path: Path) -> None:
+    code, out = validate(
+        tmp_path,
+        """
+        merge_method: karcher
+        parameters:
+          tol: 100000000000000000000000000000000000000000000000000000000000000000000
+        models:
+          - model: a/b
+          - model: c/d
+        """,
+    )
+    assert code == 2
+    assert out.strip() == (
+        "error: r.yaml:3: parameters.tol: must be a finite number within float32 "
+        "(got an integer of 69 digits)"
+    )
+
+
+def test_slice_scale_and_residual_weight_must_be_finite(tmp_path: Path) -> None:
+    recipe = """
+        merge_method: passthrough
+        slices:
+          - sources:
+              - model: a/b
+                layer_range: [0, 2]
+                parameters:
+                  scale: .inf
+        """
+    code, out = validate(tmp_path, recipe)
+    assert code == 2
+    assert out.strip() == (
+        "error: r.yaml:7: slices[0].sources[0].parameters.scale: "
+        "must be a finite number within float32 (got inf)"
+    )
+    code, out = validate(
+        tmp_path, recipe.replace("scale: .inf", "scale: 1") + "    residual_weight: -.inf\n"
+    )
+    assert code == 2
+    assert out.strip() == (
+        "error: r.yaml:8: slices[0].residual_weight: "
+        "must be a finite number within float32 (got -inf)"
+    )
+
+
+def test_moe_scales_must_be_finite(tmp_path: Path) -> None:
+    code, out = validate(
+        tmp_path,
+        """
+        base_model: a/b
+        gate_mode: random
+        experts:
+          - source_model: c/d
+            residual_scale: .nan
+          - source_model: e/f
+            residual_scale: .inf
+            noise_scale: .inf
+        """,
+    )
+    assert code == 2
+    assert sorted(out.strip().splitlines()) == [
+        "error: r.yaml:5: experts[0].residual_scale: "
+        "must be a finite number within float32 (got nan)",
+        "error: r.yaml:7: experts[1].residual_scale: "
+        "must be a finite number within float32 (got inf)",
+        "error: r.yaml:8: experts[1].noise_scale: must be a finite number within float32 (got inf)",
+    ]
