@@ -166,3 +166,57 @@ def test_moe_scales_must_be_finite(tmp_path: Path) -> None:
         "must be a finite number within float32 (got inf)",
         "error: r.yaml:8: experts[1].noise_scale: must be a finite number within float32 (got inf)",
     ]
+
+
+def test_karcher_max_iter_is_capped(tmp_path: Path) -> None:
+    code, out = validate(
+        tmp_path,
+        """
+        merge_method: karcher
+        parameters: {max_iter: 1000000000}
+        models:
+          - model: a/b
+        """,
+    )
+    assert code == 2
+    assert (
+        out.strip() == "error: r.yaml:2: parameters.max_iter: must be in [0, 10000], got 1000000000"
+    )
+
+
+def test_pad_to_multiple_of_is_bounded(tmp_path: Path) -> None:
+    for value in (1_000_000_000, 2**63):
+        code, out = validate(
+            tmp_path,
+            f"""
+            merge_method: linear
+            models:
+              - model: a/b
+                parameters: {{weight: 1}}
+            tokenizer:
+              pad_to_multiple_of: {value}
+            """,
+        )
+        assert code == 2
+        assert out.strip() == (
+            "error: r.yaml:6: tokenizer.pad_to_multiple_of: "
+            f"must be less than or equal to 65536, got {value}"
+        )
+
+
+def test_empty_token_name_is_refused(tmp_path: Path) -> None:
+    code, out = validate(
+        tmp_path,
+        """
+        merge_method: linear
+        models:
+          - model: a/b
+            parameters: {weight: 1}
+        tokenizer:
+          tokens:
+            "<x>": {source: a/b}
+            "": {source: a/b}
+        """,
+    )
+    assert code == 2
+    assert out.strip() == "error: r.yaml:8: tokenizer.tokens: a token name must not be empty"

@@ -100,6 +100,10 @@ class Slice(Strict):
     parameters: dict[str, Any] | None = None
 
 
+MAX_PAD_MULTIPLE = 65536
+"""``tokenizer.pad_to_multiple_of`` at most this: padding adds at most 65,535 zero rows."""
+
+
 class TokenSpec(Strict):
     """``tokenizer.tokens.<token>``: where a token's embedding row comes from."""
 
@@ -113,7 +117,7 @@ class TokenizerConfig(Strict):
 
     source: TokenizerSource = "union"
     tokens: dict[str, TokenSpec] | None = None
-    pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0)
+    pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0, le=MAX_PAD_MULTIPLE)
 
 
 class ModuleEntry(Strict):
