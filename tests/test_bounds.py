@@ -8,6 +8,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import yaml
 from typer.testing import CliRunner
 
 from merge.cli import app
@@ -220,3 +221,50 @@ def test_empty_token_name_is_refused(tmp_path: Path) -> None:
     )
     assert code == 2
     assert out.strip() == "error: r.yaml:8: tokenizer.tokens: a token name must not be empty"
+
+
+def plan(tmp_path: Path, recipe: dict) -> tuple[int, str]:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    result = runner.invoke(app, ["plan", str(path)])
+    return result.exit_code, result.output
+
+
+def test_weights_whose_sum_overflows_float32_are_a_plan_error(
+    tmp_path: Path, llama_ft1: Path, llama_ft2: Path
+) -> None:
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(llama_ft1), "parameters": {"weight": 3.0e38}},
+            {"model": str(llama_ft2), "parameters": {"weight": 3.0e38}},
+        ],
+    }
+    code, out = plan(tmp_path, recipe)
+    assert code == 2
+    assert (
+        "tensor 'model.embed_tokens.weight': the weights' absolute sum 6e+38 is past float32's "
+        "range (3.40282e+38), so the weighted sum overflows; scale the weights down"
+    ) in out
+
+
+def test_tiny_density_with_inverse_density_rescale_is_a_plan_error(
+    tmp_path: Path, llama_base: Path, llama_ft1: Path
+) -> None:
+    recipe = {
+        "merge_method": "dare_linear",
+        "base_model": str(llama_base),
+        "parameters": {"rescale": "inverse_density"},
+        "models": [
+            {"model": str(llama_ft1), "parameters": {"weight": 1.0, "density": 1e-300}},
+        ],
+    }
+    code, out = plan(tmp_path, recipe)
+    assert code == 2
+    assert (
+        f"density 1e-300 for model '{llama_ft1}' is below 1e-06, too small for rescale: "
+        "inverse_density to divide by; raise it or use rescale: l1"
+    ) in out
+    recipe["parameters"] = {"rescale": "l1"}
+    code, out = plan(tmp_path, recipe)
+    assert code == 0, out
