@@ -268,3 +268,29 @@ def test_tiny_density_with_inverse_density_rescale_is_a_plan_error(
     recipe["parameters"] = {"rescale": "l1"}
     code, out = plan(tmp_path, recipe)
     assert code == 0, out
+
+
+def test_moe_prompt_longer_than_the_model_positions_is_a_plan_error(
+    tmp_path: Path, llama_base: Path, llama_ft1: Path
+) -> None:
+    long = "hello " * 20_000
+    recipe = {
+        "base_model": str(llama_base),
+        "gate_mode": "hidden",
+        "experts_per_token": 1,
+        "experts": [
+            {"source_model": str(llama_base), "positive_prompts": ["chat"]},
+            {"source_model": str(llama_ft1), "positive_prompts": ["math", long]},
+        ],
+    }
+    start = time.perf_counter()
+    code, out = plan(tmp_path, recipe)
+    assert time.perf_counter() - start < 20
+    assert code == 2
+    lines = [line for line in out.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        f"p.yaml:11: experts[1].positive_prompts[1]: prompt 'hello hello hello hello hello "
+        f"hello h...' of expert '{llama_ft1}' is 60,002 tokens, more than the base model's "
+        "128 positions (max_position_embeddings); shorten it"
+    ), lines[0]
