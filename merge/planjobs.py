@@ -19,6 +19,8 @@ from merge import architecture as arch
 from merge import modules as mods
 from merge.jobs import Input, TensorJob
 from merge.methods import REQUIRED, Method
+from merge.methods.base import FLOAT32_MAX
+from merge.methods.sparsify import inverse_density_problem
 from merge.recipe import Recipe, SliceSpec, Source, lookup
 from merge.recipe.checks import method_inputs
 from merge.recipe.model import Params, Part
@@ -95,11 +97,31 @@ def _params(
             "divide by them; change a weight or set normalize: false"
         )
         ok = False
+    if ok:
+        for problem in bound_problems(values, [s.model for s in inputs]):
+            ctx.problems.append(f"tensor '{out_name}': {problem}")
+            ok = False
     if ok and method.check is not None:
         for problem in method.check(values, [s.model for s in inputs]):
             ctx.problems.append(f"tensor '{out_name}': {problem}")
             ok = False
     return values if ok else None
+
+
+def bound_problems(values: dict[str, Any], models: list[str]) -> list[str]:
+    """Effective values that would overflow float32 whatever the tensors hold: weights whose
+    absolute sum passes float32's range (the weighted sum and its normalisation overflow), and
+    densities too small for ``rescale: inverse_density`` to divide by."""
+    problems = inverse_density_problem(values, models)
+    weights = values.get("weight")
+    if isinstance(weights, list) and len(weights) > 1:
+        total = sum(abs(float(w)) for w in weights)
+        if total > FLOAT32_MAX:
+            problems.append(
+                f"the weights' absolute sum {total:g} is past float32's range "
+                f"({FLOAT32_MAX:g}), so the weighted sum overflows; scale the weights down"
+            )
+    return problems
 
 
 def _cast(kind: type, value: Any) -> Any:

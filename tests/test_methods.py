@@ -205,7 +205,7 @@ def test_param_check_type_messages() -> None:
     assert weight.check("abc") == "must be a number, got 'abc'"
     assert weight.check(True) == "must be a number, got true"
     assert weight.check(None) == "must be a number, got null"
-    assert weight.check(float("nan")) == "must be a number, got nan"
+    assert weight.check(float("nan")) == "must be a finite number within float32 (got nan)"
     assert weight.check(-2) is None and weight.check(0.25) is None
     assert normalize.check(3) == "must be true or false, got 3"
     assert normalize.check("true") == "must be true or false, got 'true'"

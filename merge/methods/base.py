@@ -69,6 +69,23 @@ def need_base(name: str, base: Tensor | None) -> Tensor:
     return base
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: every numeric parameter must lie within +/- this."""
+
+
+def finite_problem(value: int | float) -> str | None:
+    """``"must be a finite number within float32 (got inf)"`` for a value that cannot be
+    computed with (infinite, NaN, or past float32's range: a huge integer included), else
+    ``None``. Comparing an int with a float is exact in Python, so nothing overflows here."""
+    if isinstance(value, float) and math.isnan(value):
+        return f"must be a finite number within float32 (got {show_value(value)})"
+    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+        digits = len(str(abs(value))) if isinstance(value, int) else 0
+        shown = f"an integer of {digits} digits" if digits > 40 else show_value(value)
+        return f"must be a finite number within float32 (got {shown})"
+    return None
+
+
 def _num(x: float) -> str:
     return f"{x:g}"
 
@@ -117,8 +134,11 @@ class Param:
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 return f"must be an integer, got {show_value(value)}"
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a number, got {show_value(value)}"
+        problem = finite_problem(value)
+        if problem:
+            return problem
         if not self._in_range(value):
             rng = self.describe_range()
             where = f"in {rng}" if rng[0] in "([" else rng

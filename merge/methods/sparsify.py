@@ -46,7 +46,7 @@ Everything here is pure: inputs are never modified, the global RNG is never used
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -172,6 +172,23 @@ def draw(d: Tensor, rng: torch.Generator | None, what: str) -> Tensor:
 
 
 # --- rescale --------------------------------------------------------------------------------
+
+
+MIN_INVERSE_DENSITY = 1e-6
+"""The smallest ``density`` that ``rescale: inverse_density`` may divide by: below it the
+kept entries are scaled past float32 (``density: 1e-300`` made every output NaN)."""
+
+
+def inverse_density_problem(params: dict[str, Any], models: list[str]) -> list[str]:
+    """Every model whose ``density`` is too small for ``rescale: inverse_density``."""
+    if params.get("rescale") != "inverse_density":
+        return []
+    return [
+        f"density {float(d):g} for model '{m}' is below {MIN_INVERSE_DENSITY:g}, too small "
+        f"for rescale: inverse_density to divide by; raise it or use rescale: l1"
+        for m, d in zip(models, params.get("density", []), strict=False)
+        if float(d) < MIN_INVERSE_DENSITY
+    ]
 
 
 def rescale_mode(value: bool | str) -> RescaleMode:

@@ -285,11 +285,14 @@ MULTISLERP = Method(
     "back to the weighted sum",
     check=multislerp_check,
 )
+MAX_ITER = 10_000
+"""karcher's cap on ``max_iter``: it converges in tens of steps; more is a typo, not a need."""
+
 KARCHER = Method(
     name="karcher",
     fn=karcher,
     params=(
-        Param("max_iter", False, int, 10, low=0, help="most log/exp iterations"),
+        Param("max_iter", False, int, 10, low=0, high=MAX_ITER, help="most log/exp iterations"),
         Param("tol", False, float, 1e-5, low=0, low_open=True, help="stop below this step"),
     ),
     base="input",

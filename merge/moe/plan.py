@@ -40,6 +40,7 @@ from merge.methods import Method
 from merge.moe.families import FAMILIES, PROJS, Family, MoeShape, dense_mlp
 from merge.moe.families import output_config as family_config
 from merge.moe.layout import MoeLayout, layout_jobs
+from merge.moe.prompts import prompt_problems
 from merge.moe.recipe import ExpertSpec, MoeRecipe, shared_problem
 from merge.sourceset import Model
 from merge.writer import TensorSpec, plan_shards
@@ -253,6 +254,9 @@ def make_moe_plan(
             )
         )
     fam, (inner, shared_inner) = _choose(recipe, models, num_layers, hidden)
+    too_long = prompt_problems(recipe, base)
+    if too_long:
+        raise PlanError(too_long)
     lay = MoeLayout(
         fam,
         num_layers,

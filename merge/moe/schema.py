@@ -9,11 +9,11 @@ output family) live in ``merge.moe.recipe``, and everything that needs checkpoin
 
 from __future__ import annotations
 
-from pydantic import Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import Field, StrictInt, StrictStr, field_validator
 
-from merge.recipe.schema import DTYPES, RefStr, Strict
+from merge.recipe.schema import DTYPES, FiniteNumber, RefStr, Strict
 
-Number = StrictFloat | StrictInt
+Number = FiniteNumber
 
 
 class ExpertEntry(Strict):

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from merge.methods.base import finite_problem
+
 Scalar = bool | int | float | str
 
 
@@ -96,6 +98,10 @@ def _leaf(raw: Any) -> Leaf | str:
         and raw
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw)
     ):
+        for j, x in enumerate(raw):
+            problem = finite_problem(x)
+            if problem:  # also keeps float() below from overflowing on a huge integer
+                return f"entry {j}: {problem}"
         return Gradient(tuple(float(x) for x in raw))
     if isinstance(raw, list) and not raw:
         return "must not be an empty list"

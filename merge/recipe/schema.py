@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
 )
 
+from merge.methods.base import finite_problem
 from merge.recipe.refs import ref_text
 
 DTYPES = {
@@ -36,6 +37,18 @@ DTYPES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
+
+
+def _finite(value: float) -> float:
+    problem = finite_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# A number the merge computes with: finite and within float32 (``.inf``, ``.nan``, ``1e+39``
+# and integers past float32 are refused with the same message as method parameters).
+FiniteNumber = Annotated[StrictFloat | StrictInt, AfterValidator(_finite)]
 
 
 class Strict(BaseModel):
@@ -83,8 +96,12 @@ class Slice(Strict):
 
     sources: list[SliceSource] = Field(min_length=1)
     base_model: RefStr | None = None
-    residual_weight: StrictFloat | StrictInt | None = None
+    residual_weight: FiniteNumber | None = None
     parameters: dict[str, Any] | None = None
+
+
+MAX_PAD_MULTIPLE = 65536
+"""``tokenizer.pad_to_multiple_of`` at most this: padding adds at most 65,535 zero rows."""
 
 
 class TokenSpec(Strict):
@@ -100,7 +117,7 @@ class TokenizerConfig(Strict):
 
     source: TokenizerSource = "union"
     tokens: dict[str, TokenSpec] | None = None
-    pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0)
+    pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0, le=MAX_PAD_MULTIPLE)
 
 
 class ModuleEntry(Strict):

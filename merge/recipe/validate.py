@@ -113,6 +113,9 @@ def _check_extras(schema: RecipeSchema, loc: Locator, problems: list[str]) -> No
                 "give either tokenizer_source or a tokenizer: block, not both",
             )
         )
+    if schema.tokenizer and "" in (schema.tokenizer.tokens or {}):
+        line = loc.line(("tokenizer", "tokens", ""))
+        problems.append(f"{loc.file}:{line}: tokenizer.tokens: a token name must not be empty")
     ct = schema.chat_template
     if ct is not None and ct not in CHAT_TEMPLATES and "{{" not in ct and "{%" not in ct:
         problems.append(

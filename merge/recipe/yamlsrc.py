@@ -7,6 +7,12 @@ A file of several documents (``---`` between them: a multi-stage recipe, ``merge
 is read by ``parse_documents``, one ``Document`` each, with the file's line numbers, so every
 message about a stage names its line in the file. ``parse_yaml`` reads one recipe and says so
 when a second document follows. It does not validate anything else: that is the schema's job.
+
+The work is bounded before anything is built from the text (``check_bounds``): a file of at
+most ``MAX_FILE_BYTES``, a string of at most ``MAX_STRING_CHARS``, nesting at most ``MAX_DEPTH``
+levels deep, and at most ``MAX_VALUES`` values once every alias is expanded. Aliases are
+counted, not expanded (an alias is the node it names, so its size is memoised), so a "billion
+laughs" recipe is refused in milliseconds at the line whose aliases pass the bound.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ import yaml
 from merge.errors import RecipeError
 
 PathKey = tuple[str | int, ...]
+
+MAX_FILE_BYTES = 8 * 1024 * 1024
+MAX_STRING_CHARS = 1024 * 1024
+MAX_DEPTH = 100
+MAX_VALUES = 100_000
 
 
 def format_path(path: Sequence[str | int]) -> str:
@@ -58,6 +69,50 @@ class Locator:
 
     def error(self, path: Sequence[str | int], message: str) -> str:
         return f"{self.where(path)}: {message}"
+
+
+def _measure(
+    node: yaml.Node, path: PathKey, depth: int, line: int, file: str, sizes: dict[int, int]
+) -> int:
+    """The number of values ``node`` expands to (aliases counted as copies, each node's size
+    computed once); RecipeError at ``line`` (where ``node`` is written) past a bound."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if depth > MAX_DEPTH:
+        raise RecipeError(
+            f"{file}:{line}: {format_path(path[:4])}...: nested more than {MAX_DEPTH} levels deep"
+        )
+    total = 1
+    if isinstance(node, yaml.ScalarNode):
+        if len(node.value) > MAX_STRING_CHARS:
+            raise RecipeError(
+                f"{file}:{line}: {format_path(path)}: a value of {len(node.value):,} characters "
+                f"(at most {MAX_STRING_CHARS:,})"
+            )
+    else:
+        children: list[tuple[str | int, yaml.Node, int]] = []
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                at = key_node.start_mark.line + 1
+                total += _measure(key_node, path, depth + 1, at, file, sizes)
+                children.append((str(getattr(key_node, "value", "?")), value_node, at))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(i, item, line) for i, item in enumerate(node.value)]
+        for key, child, at in children:
+            total += _measure(child, path + (key,), depth + 1, at, file, sizes)
+            if total > MAX_VALUES:
+                raise RecipeError(
+                    f"{file}:{at}: {format_path(path + (key,))}: the recipe expands to more "
+                    f"than {MAX_VALUES:,} values (each alias counts as a copy of what it names)"
+                )
+    sizes[id(node)] = total
+    return total
+
+
+def check_bounds(node: yaml.Node, file: str) -> None:
+    """RecipeError when a composed document is nested too deep, holds too long a string or
+    expands (aliases included) to too many values; see the module's bounds."""
+    _measure(node, (), 0, node.start_mark.line + 1, file, {})
 
 
 def _walk(node: yaml.Node, path: PathKey, loc: Locator, problems: list[str]) -> None:
@@ -120,9 +175,14 @@ def parse_documents(text: str, file: str) -> list[Document]:
     try:
         starts = _starts(text)
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        for node in nodes:
+            if node is not None:
+                check_bounds(node, file)
         datas = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
         raise _yaml_error(e, file) from None
+    except RecursionError:
+        raise RecipeError(f"{file}: nested more than {MAX_DEPTH} levels deep") from None
     lines = text.splitlines(keepends=True)
     bounds = [*starts, len(lines)]
     docs: list[Document] = []
@@ -156,6 +216,12 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Locator]:
 def read_text(path: Path) -> str:
     """A recipe file's text; RecipeError when it cannot be read."""
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES and path.is_file():
+            raise RecipeError(
+                f"{path}: a recipe of {size:,} bytes (at most {MAX_FILE_BYTES:,}); "
+                f"is this the right file?"
+            )
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe not found") from None
