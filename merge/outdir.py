@@ -64,6 +64,8 @@ class AtomicOutput:
         temp, self.temp = self.temp, None
         if exc_type is not None:
             shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                self._name_final(exc, temp)
             return
         try:
             self._refuse_existing()  # it may have appeared while we were writing
@@ -71,6 +73,12 @@ class AtomicOutput:
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
+
+    def _name_final(self, exc: OSError, temp: Path) -> None:
+        """An OS error about a file in the (now removed) temporary directory names the file
+        the output would have had instead."""
+        if isinstance(exc.filename, str) and Path(exc.filename).is_relative_to(temp):
+            exc.filename = str(self.final / Path(exc.filename).relative_to(temp))
 
     def _replace(self, temp: Path) -> None:
         if not os.path.lexists(self.final):

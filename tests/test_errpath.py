@@ -1,0 +1,129 @@
+"""One error path: every failure is one escaped line, exit 2 (exit 1 for a bug), nothing left.
+
+OS errors the library does not name itself are mapped to a line with the path and the next
+step; deep nesting, odd header numbers and unreadable tokenizer files are found before any
+tensor is computed; an output that no rename can produce (the current directory, a mount
+point, a path through a file, a name too long) is refused up front.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from merge.cli import app
+from merge.clihelp import escape_control
+
+runner = CliRunner()
+
+
+def recipe_for(tmp_path: Path, model: Path | str, **extra: object) -> Path:
+    recipe = {
+        "merge_method": "linear",
+        **extra,
+        "models": [{"model": str(model), "parameters": {"weight": 1.0}}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_fails(*args: str | Path, code: int = 2, out: Path | None = None) -> str:
+    """Run the command; assert ``code``, no traceback, one ``error:`` line, and (given the
+    output) no output and no temporary sibling. Returns the line without ``error: ``."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return lines[0].removeprefix("error: ")
+
+
+def copy_model(src: Path, tmp_path: Path, name: str = "model") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --- messages ----------------------------------------------------------------------------
+
+
+def test_escape_control_keeps_tab_and_text() -> None:
+    assert escape_control("a\tb") == "a\tb"
+    assert escape_control("x\ny\rz\x1b[31m\x7f\x85é") == "x\\ny\\rz\\x1b[31m\\x7f\\x85é"
+
+
+def test_newline_in_a_model_name_cannot_forge_an_error_line(tmp_path: Path) -> None:
+    recipe = recipe_for(tmp_path, "./gone\nerror: forged\x1b[2J")
+    line = run_fails("run", recipe, tmp_path / "out", out=tmp_path / "out")
+    assert "\\nerror: forged\\x1b[2J" in line
+
+
+# --- bugs ----------------------------------------------------------------------------------
+
+
+def test_a_bug_is_internal_error_exit_1(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr("merge.api.execute", boom)
+    out = tmp_path / "out"
+    line = run_fails("run", recipe_for(tmp_path, llama_base), out, code=1, out=out)
+    assert line == (
+        "internal error, please report it: ValueError: boom (set MERGE_DEBUG=1 for the traceback)"
+    )
+    monkeypatch.setenv("MERGE_DEBUG", "1")
+    result = runner.invoke(app, ["run", str(recipe_for(tmp_path, llama_base)), str(out)])
+    assert isinstance(result.exception, ValueError) and not out.exists()
+
+
+# --- the disk ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("number", "step"),
+    [
+        (errno.ENOSPC, "no space left on the device; free some space or choose another output"),
+        (errno.EROFS, "read-only file system; choose an output on a writable file system"),
+    ],
+)
+def test_disk_full_or_read_only_during_the_write(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch, number: int, step: str
+) -> None:
+    real = os.pwrite
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if offset > 0:  # the header goes in; the first tensor does not
+            raise OSError(number, os.strerror(number))
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "out"
+    line = run_fails("run", recipe_for(tmp_path, llama_base), out, out=out)
+    assert line == f"'{out / 'model.safetensors'}': {step}"
+
+
+def test_output_directory_not_writable(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+
+    def denied(prefix: str, dir: Path) -> str:  # what a mode 555 parent does to a non-root user
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+
+    monkeypatch.setattr("merge.outdir.tempfile.mkdtemp", denied)
+    out = parent / "out"
+    line = run_fails("run", recipe_for(tmp_path, llama_base), out, out=out)
+    assert line == f"'{parent}': permission denied; check its permissions or choose another path"
