@@ -181,6 +181,8 @@ def default_output(recipe_file: Path) -> Path:
 def _check_output(p: Plan, out: Path, overwrite: bool) -> None:
     """Where the output goes, and the disk space for it and for the weights to download."""
     problems = check_output_location(out, list(iter_unique_dirs(p.models)))
+    if problems:
+        raise OutputError(problems)  # the path itself is unusable: nothing else to ask
     if out.exists() and not overwrite:
         problems.append(f"output '{out}' already exists; pass --overwrite to replace it")
     need = p.shards.total_bytes + 50 * 2**20

@@ -127,3 +127,64 @@ def test_output_directory_not_writable(
     out = parent / "out"
     line = run_fails("run", recipe_for(tmp_path, llama_base), out, out=out)
     assert line == f"'{parent}': permission denied; check its permissions or choose another path"
+
+
+# --- where the output goes ---------------------------------------------------------------
+
+
+def test_output_is_the_current_directory_or_above(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = recipe_for(tmp_path, llama_base)
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    line = run_fails("run", recipe, ".", "--overwrite")
+    assert line == "output '.' is the current directory; choose a new directory, e.g. './merged'"
+    line = run_fails("run", recipe, "..", "--overwrite")
+    assert line == (
+        "output '..' is above the current directory; choose a new directory, e.g. '../merged'"
+    )
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["sub"]
+    assert list(work.iterdir()) == []
+
+
+def test_output_is_a_mount_point(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "mnt"
+    out.mkdir()
+    monkeypatch.setattr("merge.outdir.os.path.ismount", lambda p: Path(p) == out)
+    line = run_fails("run", recipe_for(tmp_path, llama_base), out, "--overwrite")
+    assert line == f"output '{out}' is a mount point; choose a directory inside it"
+    assert list(out.iterdir()) == []
+
+
+def test_output_through_a_file(tmp_path: Path, llama_base: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "out"
+    line = run_fails("run", recipe_for(tmp_path, llama_base), out)
+    assert line == (
+        f"output '{out}': '{tmp_path / 'afile'}' is a file, not a directory; choose another path"
+    )
+
+
+@pytest.mark.parametrize(("length", "limit", "below"), [(300, 241, False), (300, 255, True)])
+def test_output_name_too_long(
+    tmp_path: Path, llama_base: Path, length: int, limit: int, below: bool
+) -> None:
+    out = tmp_path / ("a" * length)
+    if below:
+        out = out / "x"
+    line = run_fails("run", recipe_for(tmp_path, llama_base), out)
+    assert line == (
+        f"output name '{'a' * 20}...' ({length} bytes) is too long: at most {limit} bytes "
+        "here; choose a shorter name"
+    )
+
+
+def test_output_name_fits_with_its_temporary_sibling(tmp_path: Path, llama_base: Path) -> None:
+    out = tmp_path / ("b" * 241)
+    result = runner.invoke(app, ["run", str(recipe_for(tmp_path, llama_base)), str(out), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.safetensors").is_file()
