@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,58 @@ def test_output_name_fits_with_its_temporary_sibling(tmp_path: Path, llama_base:
     result = runner.invoke(app, ["run", str(recipe_for(tmp_path, llama_base)), str(out), "-q"])
     assert result.exit_code == 0, result.stderr
     assert (out / "model.safetensors").is_file()
+
+
+# --- inputs nested too deeply, odd header numbers ----------------------------------------
+
+DEEP = 10_000
+
+
+def test_deeply_nested_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("merge_method: linear\nmodels: " + "[" * DEEP + "]" * DEEP + "\n")
+    line = run_fails("validate", recipe)
+    assert line == f"{recipe}: not valid YAML: nested too deeply"
+
+
+def _write_safetensors(path: Path, header: bytes, data: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def test_deeply_nested_safetensors_header(tmp_path: Path, llama_base: Path) -> None:
+    model = copy_model(llama_base, tmp_path)
+    _write_safetensors(model / "model.safetensors", b"[" * DEEP + b"]" * DEEP)
+    recipe = recipe_for(tmp_path, model)
+    line = run_fails("plan", recipe)
+    assert line == (
+        f"{recipe}:3: models[0].model: model '{model}' ({model / 'model.safetensors'}): "
+        "corrupt header: JSON nested too deeply"
+    )
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_json(tmp_path: Path, llama_base: Path, name: str) -> None:
+    model = copy_model(llama_base, tmp_path)
+    if name.endswith("index.json"):  # a sharded model: the index is read
+        (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    (model / name).write_text('{"a": ' + "[" * DEEP + "]" * DEEP + "}")
+    recipe = recipe_for(tmp_path, model)
+    line = run_fails("plan", recipe)
+    assert line == (
+        f"{recipe}:3: models[0].model: model '{model}' ({model / name}): "
+        "invalid JSON: nested too deeply"
+    )
+
+
+@pytest.mark.parametrize("offset", ["Infinity", "NaN", "1e3", "true", '"8"'])
+def test_non_integer_data_offsets(tmp_path: Path, llama_base: Path, offset: str) -> None:
+    model = copy_model(llama_base, tmp_path)
+    file = model / "model.safetensors"
+    text = f'{{"w": {{"dtype": "F32", "shape": [2], "data_offsets": [0, {offset}]}}}}'
+    _write_safetensors(file, text.encode(), b"\0" * 8)
+    recipe = recipe_for(tmp_path, model)
+    line = run_fails("plan", recipe)
+    assert line == (
+        f"{recipe}:3: models[0].model: model '{model}' ({file}): "
+        "corrupt header: bad entry for tensor 'w'"
+    )

@@ -123,6 +123,8 @@ def parse_documents(text: str, file: str) -> list[Document]:
         datas = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
         raise _yaml_error(e, file) from None
+    except RecursionError:
+        raise RecipeError(f"{file}: not valid YAML: nested too deeply") from None
     lines = text.splitlines(keepends=True)
     bounds = [*starts, len(lines)]
     docs: list[Document] = []
