@@ -55,7 +55,7 @@ from merge.sourceset import (
     remote_models,
     with_weights,
 )
-from merge.tokenizer import resolve_template, write_tokenizer
+from merge.tokenizer import check_tokenizer, resolve_template, write_tokenizer
 from merge.writer import MIN_SHARD_BYTES, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -212,6 +212,14 @@ def writes_tokenizer(p: Plan, copy_tokenizer: bool) -> bool:
     return copy_tokenizer or p.vocab is not None
 
 
+def _check_tokenizer(p: Plan, copy_tokenizer: bool) -> None:
+    """Before any tensor: the chat template and the donor's tokenizer configs can be read."""
+    if writes_tokenizer(p, copy_tokenizer):
+        donor = p.models[p.tokenizer_donor].directory
+        dirs = iter_unique_dirs(p.models)
+        check_tokenizer(donor, p.recipe.chat_template, dirs, p.vocab is not None)
+
+
 def write_extras(p: Plan, out: Path, *, copy_tokenizer: bool = True) -> None:
     """config.json, generation_config.json, tokenizer (``writes_tokenizer``) and the recipe
     (the model card comes later, with the inputs' identities: ``merge.card.output``)."""
@@ -333,6 +341,7 @@ def run(
                 warn(w)
         _check_output(first, target, overwrite)
         with _downloaded(first, again, progress) as p:
+            _check_tokenizer(p, copy_tokenizer)
             computed = _gates(p, progress, warn, info)
             hashes = InputHashes(p.models)
             try:

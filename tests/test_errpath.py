@@ -9,6 +9,7 @@ point, a path through a file, a name too long) is refused up front.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import struct
@@ -244,3 +245,46 @@ def test_non_integer_data_offsets(tmp_path: Path, llama_base: Path, offset: str)
         f"{recipe}:3: models[0].model: model '{model}' ({file}): "
         "corrupt header: bad entry for tensor 'w'"
     )
+
+
+# --- tokenizer files: found before any tensor --------------------------------------------
+
+
+def test_chat_template_not_utf8(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = copy_model(llama_base, tmp_path)
+    (model / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    monkeypatch.setattr("merge.api.execute", _no_compute)
+    out = tmp_path / "out"
+    line = run_fails("run", recipe_for(tmp_path, model, chat_template="auto"), out, out=out)
+    assert line == (
+        f"{model / 'chat_template.jinja'}: not UTF-8 text (byte 0); fix or remove the chat template"
+    )
+
+
+def test_broken_donor_tokenizer_config_with_a_chat_template(
+    tmp_path: Path, llama_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = copy_model(llama_base, tmp_path)
+    (model / "tokenizer_config.json").write_text('{"chat_template": "x",\n')
+    monkeypatch.setattr("merge.api.execute", _no_compute)
+    out = tmp_path / "out"
+    line = run_fails("run", recipe_for(tmp_path, model, chat_template="chatml"), out, out=out)
+    assert line == (
+        f"{model / 'tokenizer_config.json'}: invalid JSON at line 2: "
+        "Expecting property name enclosed in double quotes"
+    )
+
+
+def _no_compute(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a tensor was computed before the tokenizer files were checked")
+
+
+def test_valid_tokenizer_config_still_gets_the_template(tmp_path: Path, llama_base: Path) -> None:
+    out = tmp_path / "out"
+    recipe = recipe_for(tmp_path, llama_base, chat_template="chatml")
+    result = runner.invoke(app, ["run", str(recipe), str(out), "-q"])
+    assert result.exit_code == 0, result.stderr
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "im_start" in cfg["chat_template"]
