@@ -55,7 +55,7 @@ from merge.sourceset import (
     remote_models,
     with_weights,
 )
-from merge.tokenizer import resolve_template, write_tokenizer
+from merge.tokenizer import check_tokenizer, resolve_template, write_tokenizer
 from merge.writer import MIN_SHARD_BYTES, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,6 +181,8 @@ def default_output(recipe_file: Path) -> Path:
 def _check_output(p: Plan, out: Path, overwrite: bool) -> None:
     """Where the output goes, and the disk space for it and for the weights to download."""
     problems = check_output_location(out, list(iter_unique_dirs(p.models)))
+    if problems:
+        raise OutputError(problems)  # the path itself is unusable: nothing else to ask
     if out.exists() and not overwrite:
         problems.append(f"output '{out}' already exists; pass --overwrite to replace it")
     need = p.shards.total_bytes + 50 * 2**20
@@ -208,6 +210,14 @@ def writes_tokenizer(p: Plan, copy_tokenizer: bool) -> bool:
     """Whether the output gets tokenizer files: always when a recipe tokenizer setting built
     the output's vocabulary, else unless ``--no-copy-tokenizer`` (as mergekit)."""
     return copy_tokenizer or p.vocab is not None
+
+
+def _check_tokenizer(p: Plan, copy_tokenizer: bool) -> None:
+    """Before any tensor: the chat template and the donor's tokenizer configs can be read."""
+    if writes_tokenizer(p, copy_tokenizer):
+        donor = p.models[p.tokenizer_donor].directory
+        dirs = iter_unique_dirs(p.models)
+        check_tokenizer(donor, p.recipe.chat_template, dirs, p.vocab is not None)
 
 
 def write_extras(p: Plan, out: Path, *, copy_tokenizer: bool = True) -> None:
@@ -331,6 +341,7 @@ def run(
                 warn(w)
         _check_output(first, target, overwrite)
         with _downloaded(first, again, progress) as p:
+            _check_tokenizer(p, copy_tokenizer)
             computed = _gates(p, progress, warn, info)
             hashes = InputHashes(p.models)
             try:

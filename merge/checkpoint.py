@@ -108,6 +108,8 @@ def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{where}: corrupt header: not valid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{where}: corrupt header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt header: expected a JSON object")
     header.pop("__metadata__", None)
@@ -129,6 +131,14 @@ def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
 HeaderReader = Callable[[list[Path], str], dict[str, TensorInfo]]
 
 
+def _offset(value: Any) -> int:
+    """A data offset as the header states it: a JSON integer, not a float, bool or string
+    (``int(float("inf"))`` would raise OverflowError, ``int(1.5)`` would round)."""
+    if type(value) is not int:
+        raise ValueError(f"not an integer: {value!r}")
+    return value
+
+
 def header_entry(
     name: str, entry: Any, path: Path, where: str, data_size: int, file_size: int
 ) -> TensorInfo:
@@ -137,8 +147,8 @@ def header_entry(
     try:
         dtype_name = entry["dtype"]
         shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
+        begin, end = (_offset(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{where}: corrupt header: bad entry for tensor '{name}'") from e
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
@@ -246,6 +256,8 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
         raise CheckpointError(f"{where}: invalid JSON at line {e.lineno}: {e.msg}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{where}: cannot read: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{where}: invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: expected a JSON object")
     return data

@@ -1,7 +1,8 @@
 """The ``merge`` command: parse options, call one library function, print.
 
 User errors (``MergeError``) print one line per problem to stderr and exit 2, with no
-traceback (``MERGE_DEBUG=1`` shows it). Data goes to stdout; progress, notices and warnings
+traceback (``MERGE_DEBUG=1`` shows it); a bug is one ``internal error`` line, exit 1
+(``merge.clihelp._guard``). Data goes to stdout; progress, notices and warnings
 (third-party ones included, ``merge.capture``) to stderr, and ``--quiet`` leaves errors only.
 The options are declared in ``merge.options``, mergekit's among them.
 """

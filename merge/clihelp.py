@@ -1,15 +1,20 @@
 """What every ``merge`` command shares: user errors as one-line messages, warnings, notices.
 
 ``_guard(fn)`` runs a command's body: a ``MergeError`` prints ``error: ...`` per problem and
-exits 2 (``MERGE_DEBUG=1`` re-raises it for the traceback), Ctrl-C exits 130; third-party
+exits 2 (``MERGE_DEBUG=1`` re-raises it for the traceback), Ctrl-C exits 130; an OS error the
+library did not name (no space, read-only, name too long, permission) is one line with the path
+and the next step, exit 2; anything else is a bug: ``internal error, please report it``, exit 1
+(the traceback only with ``MERGE_DEBUG=1``). Printed lines escape control characters. Third-party
 warnings inside are shown once each (``merge.capture``). ``_imports_done`` is the start-up
 hook of ``merge.cli.main`` (the cycle collector comes back once the imports are done).
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,14 +23,58 @@ import typer
 T = TypeVar("T")
 
 
-def _fail(problems: list[str]) -> None:
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (all C0 but tab, DEL, C1) shown as escapes: a newline
+    in a model name cannot forge another ``error:`` line, an ESC cannot drive the terminal."""
+
+    def one(m: re.Match[str]) -> str:
+        c = m.group()
+        return {"\n": "\\n", "\r": "\\r"}.get(c) or f"\\x{ord(c):02x}"
+
+    return _CONTROL.sub(one, text)
+
+
+def _fail(problems: list[str], code: int = 2) -> None:
     for line in problems:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(2)
+        typer.echo(f"error: {escape_control(line)}", err=True)
+    raise typer.Exit(code)
 
 
 def _show_warning(text: str) -> None:
-    typer.echo(f"warning: {text}", err=True)
+    typer.echo(f"warning: {escape_control(text)}", err=True)
+
+
+_OS_NEXT_STEP = {
+    errno.ENOSPC: "no space left on the device; free some space or choose another output",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another output",
+    errno.EROFS: "read-only file system; choose an output on a writable file system",
+    errno.ENAMETOOLONG: "file name too long; use a shorter name (at most 255 bytes a part)",
+    errno.EACCES: "permission denied; check its permissions or choose another path",
+    errno.EPERM: "operation not permitted; check its permissions or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EBUSY: "device or resource busy (the current directory or a mount point?); "
+    "choose another path",
+    errno.EISDIR: "is a directory; give a file path",
+    errno.ENOENT: "no such file or directory; check the path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OS error the library did not turn into a ``MergeError``: the path(s)
+    and the next step."""
+    paths = " -> ".join(f"'{os.fsdecode(f)}'" for f in (e.filename, e.filename2) if f is not None)
+    step = _OS_NEXT_STEP.get(e.errno) if e.errno is not None else None
+    what = step or (e.strerror or str(e) or type(e).__name__)
+    return f"{paths}: {what}" if paths else what
+
+
+def _internal(e: BaseException) -> None:
+    first = (str(e).strip().splitlines() or [""])[0]
+    detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    _fail([f"internal error, please report it: {detail} (set MERGE_DEBUG=1 for the traceback)"], 1)
 
 
 def _guard(fn: Callable[[], T], quiet: bool = False, notes: list[str] | None = None) -> T:
@@ -38,7 +87,7 @@ def _guard(fn: Callable[[], T], quiet: bool = False, notes: list[str] | None = N
     _imports_done()
     with captured(None if quiet else _show_warning):
         for note in [] if quiet else notes or []:
-            typer.echo(f"note: {note}", err=True)
+            typer.echo(f"note: {escape_control(note)}", err=True)
         try:
             return fn()
         except MergeError as e:
@@ -48,6 +97,22 @@ def _guard(fn: Callable[[], T], quiet: bool = False, notes: list[str] | None = N
         except KeyboardInterrupt:
             typer.echo("interrupted; nothing was written", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, SystemExit):
+            raise
+        except OSError as e:
+            if os.environ.get("MERGE_DEBUG"):
+                raise
+            if e.errno in _OS_NEXT_STEP:
+                _fail([os_error_line(e)])
+            _internal(e)
+        except RecursionError:
+            if os.environ.get("MERGE_DEBUG"):
+                raise
+            _fail(["input nested too deeply to process (recursion limit); flatten it"])
+        except Exception as e:
+            if os.environ.get("MERGE_DEBUG"):
+                raise
+            _internal(e)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -58,7 +123,7 @@ def _warn(warnings: list[str], quiet: bool) -> None:
 
 
 def _note_line(line: str) -> None:
-    typer.echo(line, err=True)
+    typer.echo(escape_control(line), err=True)
 
 
 def _reporting(quiet: bool, threads: int | None, max_memory: str | None, dev: str) -> dict:

@@ -2,7 +2,9 @@
 
 Library code raises these; the CLI prints ``str(error)`` (one line per problem) and exits 2.
 A phase that finds several problems raises one error holding all of them, so a user fixes
-everything in one go. Anything else escaping the library is a bug and shows a traceback.
+everything in one go. Anything else escaping the library is a bug: the CLI says "internal
+error, please report it" and exits 1 (``MERGE_DEBUG=1`` shows the traceback); an ``OSError``
+it knows (no space, read-only, name too long, permission) is a one-line error, exit 2.
 """
 
 from __future__ import annotations

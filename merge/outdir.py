@@ -64,6 +64,8 @@ class AtomicOutput:
         temp, self.temp = self.temp, None
         if exc_type is not None:
             shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                self._name_final(exc, temp)
             return
         try:
             self._refuse_existing()  # it may have appeared while we were writing
@@ -71,6 +73,12 @@ class AtomicOutput:
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
+
+    def _name_final(self, exc: OSError, temp: Path) -> None:
+        """An OS error about a file in the (now removed) temporary directory names the file
+        the output would have had instead."""
+        if isinstance(exc.filename, str) and Path(exc.filename).is_relative_to(temp):
+            exc.filename = str(self.final / Path(exc.filename).relative_to(temp))
 
     def _replace(self, temp: Path) -> None:
         if not os.path.lexists(self.final):
@@ -92,14 +100,47 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+TEMP_SUFFIX_BYTES = len(".tmp-") + 1 + 8  # the leading dot, mkdtemp's 8 random characters
+
+
+def _path_problems(final: Path, out: Path) -> list[str]:
+    """Outputs no rename can produce: the current directory or one above it, a mount point,
+    a path through a file, a name longer than the file system allows (the temporary sibling
+    ``.NAME.tmp-XXXXXXXX`` needs 14 bytes more than NAME)."""
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, out):
+        where = "the current directory" if out == cwd else "above the current directory"
+        return [f"output '{final}' is {where}; choose a new directory, e.g. '{final}/merged'"]
+    probe = existing_ancestor(out)
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    parts = out.relative_to(probe).parts
+    for i, part in enumerate(parts):
+        limit = name_max - (TEMP_SUFFIX_BYTES if i == len(parts) - 1 else 0)
+        if len(os.fsencode(part)) > limit:
+            short = part[:20] + "..." if len(part) > 20 else part
+            return [
+                f"output name '{short}' ({len(os.fsencode(part))} bytes) is too long: at most "
+                f"{limit} bytes here; choose a shorter name"
+            ]
+    if not os.path.isdir(probe):
+        return [f"output '{final}': '{probe}' is a file, not a directory; choose another path"]
+    if probe == out and os.path.ismount(out):
+        return [f"output '{final}' is a mount point; choose a directory inside it"]
+    return []
+
+
 def check_output_location(final: Path, inputs: Sequence[Path]) -> list[str]:
     """Problems with writing to ``final`` given the input model directories, one per line.
 
     The output may not be an input or lie inside one; no input may lie inside an existing
-    output (replacing the output with ``--overwrite`` would delete it).
+    output (replacing the output with ``--overwrite`` would delete it); and it must be a path
+    a rename can produce (``_path_problems``), found before anything is computed.
     """
     out = Path(final).expanduser().resolve()
-    problems: list[str] = []
+    problems = _path_problems(Path(final), out)
     for given in inputs:
         src = Path(given).expanduser().resolve()
         if _inside(out, src):
@@ -118,7 +159,7 @@ def check_output_location(final: Path, inputs: Sequence[Path]) -> list[str]:
 def existing_ancestor(path: Path) -> Path:
     """``path`` (absolute) or its nearest existing parent: where its file system is asked."""
     probe = Path(path).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.exists(probe) and probe != probe.parent:
         probe = probe.parent
     return probe
 

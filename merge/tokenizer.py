@@ -26,6 +26,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from merge.errors import CheckpointError
 from merge.settings import remote_code
 
 TOKENIZER_FILES = (
@@ -85,15 +86,49 @@ def read_chat_template(directory: Path) -> str | None:
     """A model's chat template (chat_template.jinja, else tokenizer_config.json)."""
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(
+                f"{jinja}: not UTF-8 text (byte {e.start}); fix or remove the chat template"
+            ) from None
     cfg = directory / "tokenizer_config.json"
     if cfg.is_file():
-        try:
-            value = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, OSError):
+        try:  # a broken config has no template to offer; the donor's is checked on its own
+            value = _read_config(cfg).get("chat_template")
+        except CheckpointError:
             return None
         return value if isinstance(value, str) else None
     return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A tokenizer JSON config as a dict; CheckpointError naming the file when it is not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def check_tokenizer(
+    donor: Path, spec: str | None, model_dirs: Iterable[Path], built: bool
+) -> str | None:
+    """Read now what ``write_tokenizer`` will read after the merge: the chat template
+    (``spec``) and the donor's configs that it updates; raises CheckpointError if unusable.
+    Returns the resolved template."""
+    template = resolve_template(spec, model_dirs)
+    if template is not None or built:
+        for name in ("tokenizer_config.json", "added_tokens.json"):
+            if (donor / name).is_file():
+                _read_config(donor / name)
+    return template
 
 
 def resolve_template(spec: str | None, model_dirs: Iterable[Path]) -> str | None:
@@ -153,7 +188,7 @@ def _added_entry(token: AddedToken) -> dict[str, Any]:
 
 def _update_json(path: Path, update: Any) -> None:
     if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_config(path)
         update(data)
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

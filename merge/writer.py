@@ -192,11 +192,16 @@ def parse_size(text: str | int, what: str = "size", minimum: int = 1) -> int:
 # --------------------------------------------------------------------------- writing
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
     view = memoryview(data).cast("B")
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
+    try:
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+    except OSError as e:  # name the file: a full disk says which file system
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def _header_bytes(shard: Shard, metadata: dict[str, str]) -> bytes:
@@ -247,6 +252,7 @@ class ShardWriter:
         # and a thread waiting there spins on its core (measured: most of the system time of
         # a copy-heavy merge). Threads take turns per file here instead, sleeping meanwhile.
         self._turns: dict[int, threading.Lock] = {}
+        self._paths: dict[int, Path] = {}
         self._closed = False
         try:
             for shard in plan.shards:
@@ -257,11 +263,17 @@ class ShardWriter:
 
     def _open_shard(self, shard: Shard) -> None:
         header = _header_bytes(shard, self.metadata)
-        fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        path = self.directory / shard.filename
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._fds.append(fd)
+        self._paths[fd] = path
         self._turns[fd] = threading.Lock()
-        _pwrite_all(fd, header, 0)
-        os.ftruncate(fd, len(header) + shard.nbytes)
+        _pwrite_all(fd, header, 0, path)
+        try:
+            os.ftruncate(fd, len(header) + shard.nbytes)
+        except OSError as e:
+            e.filename = e.filename or str(path)
+            raise
         offset = len(header)
         for spec in shard.tensors:
             self._where[spec.name] = (fd, offset, spec)
@@ -293,7 +305,7 @@ class ShardWriter:
         fd, offset, _ = self._where[name]
         data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
         with self._turns[fd]:  # one writer a file: see __init__
-            _pwrite_all(fd, data.data, offset + begin)  # the array's own buffer: no copy
+            _pwrite_all(fd, data.data, offset + begin, self._paths[fd])  # no copy: its buffer
         with self._lock:
             self._left[name] -= nbytes
             self.written_bytes += nbytes
