@@ -41,6 +41,7 @@ import torch
 
 from merge import architecture as arch
 from merge.errors import CheckpointError
+from merge.links import check_folder, inside
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -342,11 +343,16 @@ class Checkpoint(TensorSource):
         if not directory.is_dir():
             raise CheckpointError(f"{_where(label, directory)}: directory not found")
         config_path = directory / "config.json"
-        config = _read_json(config_path, label) if config_path.is_file() else {}
+        config = (
+            _read_json(inside(config_path, directory, label), label)
+            if config_path.is_file()
+            else {}
+        )
         fmt, entry = _find_weights(directory, label, listed)
         index = entry.name.endswith(".index.json")
         weight_map = _read_index(entry, label, listed) if index else None
         files = sorted(set(weight_map.values())) if weight_map is not None else [entry]
+        check_folder(directory, label, files)
         tensors = headers(files, label) if fmt == "safetensors" else {}
         bin_tensors: dict[str, torch.Tensor] = {}
         for file in files if fmt == "bin" else []:

@@ -26,6 +26,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from merge.links import inside
 from merge.settings import remote_code
 
 TOKENIZER_FILES = (
@@ -82,14 +83,17 @@ TEMPLATES = {
 
 
 def read_chat_template(directory: Path) -> str | None:
-    """A model's chat template (chat_template.jinja, else tokenizer_config.json)."""
+    """A model's chat template (chat_template.jinja, else tokenizer_config.json); a file linked
+    outside ``directory`` is refused (``merge.links``)."""
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return inside(jinja, directory).read_text(encoding="utf-8")
     cfg = directory / "tokenizer_config.json"
     if cfg.is_file():
         try:
-            value = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+            value = json.loads(inside(cfg, directory).read_text(encoding="utf-8")).get(
+                "chat_template"
+            )
         except (json.JSONDecodeError, OSError):
             return None
         return value if isinstance(value, str) else None
@@ -190,7 +194,7 @@ def write_tokenizer(
     for name in TOKENIZER_FILES:
         src = donor / name
         if src.is_file() and not (built is not None and name == "tokenizer.json"):
-            shutil.copyfile(src, out / name)
+            shutil.copyfile(inside(src, donor), out / name)
             copied.append(name)
     if built is not None:
         _write_built(out, built, added)
