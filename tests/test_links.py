@@ -113,3 +113,20 @@ def test_links_inside_the_folder_and_hub_cache_layout_allowed(
     gen = (llama_base / "generation_config.json").read_bytes()
     assert (out / "generation_config.json").read_bytes() == gen
     assert not (out / "generation_config.json").is_symlink()
+
+
+def test_every_transformers_load_passes_trust_remote_code() -> None:
+    """Each ``from_pretrained``/``from_config`` call in ``merge/`` names ``trust_remote_code``
+    (from ``merge.settings``, False unless ``--trust-remote-code``): never transformers'
+    default, never a prompt."""
+    import ast
+
+    calls = []
+    for path in sorted(Path("merge").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in ("from_pretrained", "from_config"):
+                    keywords = {k.arg for k in node.keywords}
+                    calls.append((f"{path}:{node.lineno}", "trust_remote_code" in keywords))
+    assert calls, "no transformers loads found"
+    assert [where for where, ok in calls if not ok] == []
