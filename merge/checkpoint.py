@@ -111,12 +111,44 @@ def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{where}: corrupt header: not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt header: expected a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(
+            f"{where}: corrupt header: '__metadata__' must map strings to strings"
+        )
     data_size = size - 8 - header_len
-    return {
+    infos = {
         name: header_entry(name, entry, path, where, data_size, size)
         for name, entry in header.items()
     }
+    check_layout(infos, where, 8 + header_len, data_size)
+    return infos
+
+
+def check_layout(infos: dict[str, TensorInfo], where: str, data_start: int, data_size: int) -> None:
+    """As safetensors requires: the tensors' bytes do not overlap and cover the data (the
+    ``data_size`` bytes from ``data_start``, where the header ends) without a gap."""
+    spans = sorted(
+        (i.offset - data_start, i.offset - data_start + i.nbytes, n) for n, i in infos.items()
+    )
+    pos, last = 0, ""
+    for begin, end, name in spans:
+        if begin < pos:
+            raise CheckpointError(
+                f"{where}: corrupt header: tensors '{last}' and '{name}' overlap at bytes "
+                f"[{begin}, {min(end, pos)}] of the data"
+            )
+        if begin > pos:
+            raise CheckpointError(
+                f"{where}: corrupt header: data bytes [{pos}, {begin}] belong to no tensor"
+            )
+        pos, last = end, name
+    if pos < data_size:
+        raise CheckpointError(
+            f"{where}: corrupt header: data bytes [{pos}, {data_size}] belong to no tensor"
+        )
 
 
 def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
@@ -130,6 +162,10 @@ def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
 HeaderReader = Callable[[list[Path], str], dict[str, TensorInfo]]
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def header_entry(
     name: str, entry: Any, path: Path, where: str, data_size: int, file_size: int
 ) -> TensorInfo:
@@ -137,10 +173,15 @@ def header_entry(
     ``data_size`` is the byte count after the header, ``file_size`` the file's."""
     try:
         dtype_name = entry["dtype"]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: corrupt header: bad entry for tensor '{name}'") from e
+    if not all(_integer(v) for v in (*shape, begin, end)):
+        raise CheckpointError(
+            f"{where}: corrupt header: tensor '{name}' has shape {list(shape)} and offsets "
+            f"[{begin}, {end}]: they must be integers"
+        )
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: tensor '{name}' has unsupported dtype {dtype_name!r}")
