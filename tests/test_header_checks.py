@@ -1,6 +1,7 @@
 """Safetensors headers are checked as strictly as the safetensors library does (integral
 offsets, no overlap, every data byte in a tensor, ``__metadata__`` a str -> str mapping), by
-``merge validate`` as by ``merge run``."""
+``merge validate`` as by ``merge run``; and a config that disagrees with its tensors (layer
+count, ``vocab_size``) is a plan error."""
 
 from __future__ import annotations
 
@@ -90,6 +91,35 @@ def test_corrupt_header_fails_validate_and_run(
     )
     expected = (
         f"error: {recipe}:3: models[0].model: model '{donor}' ({f}): corrupt header: {detail}"
+    )
+    out = tmp_path / "out"
+    for args in (["validate", str(recipe)], ["run", str(recipe), str(out)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.stderr
+        assert result.stderr.strip() == expected
+        assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize(
+    "key, value, detail",
+    [
+        ("num_hidden_layers", 3, "have 4 layers"),
+        ("vocab_size", 50, "have {rows} rows in 'model.embed_tokens.weight'"),
+    ],
+)
+def test_donor_config_disagreeing_with_its_tensors_is_a_plan_error(
+    tmp_path: Path, llama_base: Path, llama_ft1: Path, key: str, value: int, detail: str
+) -> None:
+    donor = Path(shutil.copytree(llama_base, tmp_path / "donor"))
+    config = json.loads((donor / "config.json").read_text())
+    said, config[key] = config[key], value
+    (donor / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "recipe.yaml"
+    models = [{"model": str(m), "parameters": {"weight": 1.0}} for m in (donor, llama_ft1)]
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    expected = (
+        f"error: {recipe}: model '{donor}': config.json has {key}: {value} but its tensors "
+        + detail.format(rows=said)
     )
     out = tmp_path / "out"
     for args in (["validate", str(recipe)], ["run", str(recipe), str(out)]):
