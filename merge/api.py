@@ -40,6 +40,7 @@ from merge.errors import OutputError
 from merge.execute import Resources, execute
 from merge.hub import check_download_space
 from merge.jobs import Plan
+from merge.links import inside
 from merge.memory import MemoryPlan, memory_plan
 from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
@@ -200,9 +201,10 @@ def _generation_config(p: Plan) -> Path | None:
     """generation_config.json of the config donor, else of the tokenizer donor, else of the
     first model (recipe order) that has one: always carried, whatever the tokenizer path."""
     for ref in dict.fromkeys([p.donor, p.tokenizer_donor, *p.models]):
-        path = p.models[ref].directory / "generation_config.json"
+        folder = p.models[ref].directory
+        path = folder / "generation_config.json"
         if path.is_file():
-            return path
+            return inside(path, folder, ref)
     return None
 
 
@@ -230,7 +232,7 @@ def write_extras(p: Plan, out: Path, *, copy_tokenizer: bool = True) -> None:
     for name in TAGALONG_FILES:
         path = p.models[p.donor].directory / name
         if path.is_file():
-            (out / name).write_bytes(path.read_bytes())
+            (out / name).write_bytes(inside(path, path.parent, p.donor).read_bytes())
     if writes_tokenizer(p, copy_tokenizer):
         template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
         built = p.vocab.tokenizer if p.vocab else None

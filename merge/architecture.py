@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 LAYER_RE = re.compile(r"(^|\.)(layers|h|blocks|layer|decoder_layers)\.(\d+)(\.|$)")
@@ -86,6 +86,31 @@ def count_layers(names: Iterable[str]) -> int:
     """Layer count from tensor names (1 + highest index), 0 without layers."""
     found = [layer_of(n) for n in names]
     return max((i for i in found if i is not None), default=-1) + 1
+
+
+def config_disagreements(
+    config: dict[str, Any], shapes: Mapping[str, Sequence[int]]
+) -> list[tuple[str, int, int, str]]:
+    """Where a plain (single-module) config disagrees with its tensors: ``(key, config value,
+    tensors' value, what the tensors count)`` for the layer count and ``vocab_size`` (the token
+    embedding's rows). Configs with a ``text_config`` or ``vision_config`` are not judged, nor
+    layer counts of models with extra prediction layers (``num_nextn_predict_layers``)."""
+    if isinstance(config.get("text_config"), dict) or isinstance(config.get("vision_config"), dict):
+        return []
+    found = []
+    counted = count_layers(shapes)
+    for key in LAYER_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if counted and value != counted and not config.get("num_nextn_predict_layers"):
+                found.append((key, value, counted, "layers"))
+            break
+    vocab, embed = config.get("vocab_size"), embedding_name(shapes)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and embed is not None:
+        rows = shapes[embed][0] if len(shapes[embed]) == 2 else vocab
+        if rows != vocab:
+            found.append(("vocab_size", vocab, rows, f"rows in '{embed}'"))
+    return found
 
 
 def ties_embeddings(config: dict[str, Any]) -> bool:

@@ -41,6 +41,7 @@ import torch
 
 from merge import architecture as arch
 from merge.errors import CheckpointError
+from merge.links import check_folder, inside
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -112,12 +113,44 @@ def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{where}: corrupt header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt header: expected a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(
+            f"{where}: corrupt header: '__metadata__' must map strings to strings"
+        )
     data_size = size - 8 - header_len
-    return {
+    infos = {
         name: header_entry(name, entry, path, where, data_size, size)
         for name, entry in header.items()
     }
+    check_layout(infos, where, 8 + header_len, data_size)
+    return infos
+
+
+def check_layout(infos: dict[str, TensorInfo], where: str, data_start: int, data_size: int) -> None:
+    """As safetensors requires: the tensors' bytes do not overlap and cover the data (the
+    ``data_size`` bytes from ``data_start``, where the header ends) without a gap."""
+    spans = sorted(
+        (i.offset - data_start, i.offset - data_start + i.nbytes, n) for n, i in infos.items()
+    )
+    pos, last = 0, ""
+    for begin, end, name in spans:
+        if begin < pos:
+            raise CheckpointError(
+                f"{where}: corrupt header: tensors '{last}' and '{name}' overlap at bytes "
+                f"[{begin}, {min(end, pos)}] of the data"
+            )
+        if begin > pos:
+            raise CheckpointError(
+                f"{where}: corrupt header: data bytes [{pos}, {begin}] belong to no tensor"
+            )
+        pos, last = end, name
+    if pos < data_size:
+        raise CheckpointError(
+            f"{where}: corrupt header: data bytes [{pos}, {data_size}] belong to no tensor"
+        )
 
 
 def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
@@ -131,12 +164,8 @@ def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
 HeaderReader = Callable[[list[Path], str], dict[str, TensorInfo]]
 
 
-def _offset(value: Any) -> int:
-    """A data offset as the header states it: a JSON integer, not a float, bool or string
-    (``int(float("inf"))`` would raise OverflowError, ``int(1.5)`` would round)."""
-    if type(value) is not int:
-        raise ValueError(f"not an integer: {value!r}")
-    return value
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def header_entry(
@@ -146,10 +175,15 @@ def header_entry(
     ``data_size`` is the byte count after the header, ``file_size`` the file's."""
     try:
         dtype_name = entry["dtype"]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (_offset(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: corrupt header: bad entry for tensor '{name}'") from e
+    if not all(_integer(v) for v in (*shape, begin, end)):
+        raise CheckpointError(
+            f"{where}: corrupt header: tensor '{name}' has shape {list(shape)} and offsets "
+            f"[{begin}, {end}]: they must be integers"
+        )
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: tensor '{name}' has unsupported dtype {dtype_name!r}")
@@ -354,11 +388,16 @@ class Checkpoint(TensorSource):
         if not directory.is_dir():
             raise CheckpointError(f"{_where(label, directory)}: directory not found")
         config_path = directory / "config.json"
-        config = _read_json(config_path, label) if config_path.is_file() else {}
+        config = (
+            _read_json(inside(config_path, directory, label), label)
+            if config_path.is_file()
+            else {}
+        )
         fmt, entry = _find_weights(directory, label, listed)
         index = entry.name.endswith(".index.json")
         weight_map = _read_index(entry, label, listed) if index else None
         files = sorted(set(weight_map.values())) if weight_map is not None else [entry]
+        check_folder(directory, label, files)
         tensors = headers(files, label) if fmt == "safetensors" else {}
         bin_tensors: dict[str, torch.Tensor] = {}
         for file in files if fmt == "bin" else []:

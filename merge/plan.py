@@ -143,6 +143,19 @@ def _tokenizer_donor(recipe: Recipe, donor: str) -> str:
     return src
 
 
+def _config_problems(recipe: Recipe, models: dict[str, Model]) -> list[str]:
+    """A model whose config.json disagrees with its tensors would give a wrong output config."""
+    problems = []
+    for ref, m in models.items():
+        shapes = {n: t.shape for n, t in m.checkpoint.tensors.items()}
+        for key, said, counted, what in arch.config_disagreements(m.checkpoint.config, shapes):
+            problems.append(
+                f"{recipe.file}: model '{ref}': config.json has {key}: {said} but its tensors "
+                f"have {counted} {what}"
+            )
+    return problems
+
+
 def make_plan(
     recipe: Recipe,
     models: dict[str, Model],
@@ -155,6 +168,7 @@ def make_plan(
     different architectures among them, unless ``allow_crimes``: then a warning)."""
     ctx = Ctx(recipe, models, tokenizer_setting=has_setting(recipe))
     crimes = check_architectures(recipe, models, allow_crimes, ctx.problems)
+    ctx.problems.extend(_config_problems(recipe, models))
     donor = _config_donor(recipe)
     tok_donor = _tokenizer_donor(recipe, donor)
     implicit = not ctx.tokenizer_setting and sizes_differ(models)

@@ -27,6 +27,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer
 
 from merge.errors import CheckpointError
+from merge.links import inside
 from merge.settings import remote_code
 
 TOKENIZER_FILES = (
@@ -83,11 +84,12 @@ TEMPLATES = {
 
 
 def read_chat_template(directory: Path) -> str | None:
-    """A model's chat template (chat_template.jinja, else tokenizer_config.json)."""
+    """A model's chat template (chat_template.jinja, else tokenizer_config.json); a file linked
+    outside ``directory`` is refused (``merge.links``)."""
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
         try:
-            return jinja.read_text(encoding="utf-8")
+            return inside(jinja, directory).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise CheckpointError(
                 f"{jinja}: not UTF-8 text (byte {e.start}); fix or remove the chat template"
@@ -95,7 +97,7 @@ def read_chat_template(directory: Path) -> str | None:
     cfg = directory / "tokenizer_config.json"
     if cfg.is_file():
         try:  # a broken config has no template to offer; the donor's is checked on its own
-            value = _read_config(cfg).get("chat_template")
+            value = _read_config(inside(cfg, directory)).get("chat_template")
         except CheckpointError:
             return None
         return value if isinstance(value, str) else None
@@ -225,7 +227,7 @@ def write_tokenizer(
     for name in TOKENIZER_FILES:
         src = donor / name
         if src.is_file() and not (built is not None and name == "tokenizer.json"):
-            shutil.copyfile(src, out / name)
+            shutil.copyfile(inside(src, donor), out / name)
             copied.append(name)
     if built is not None:
         _write_built(out, built, added)

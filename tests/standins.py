@@ -156,15 +156,24 @@ class StandIns:
 
 def seed_cache(hub: Path, repo_id: str, folder: Path) -> Path:
     """Make ``repo_id`` resolve to ``folder``'s files at ``main`` in the HF cache ``hub`` (a
-    snapshot of symlinks, as the Hub client writes them); returns ``hub``."""
+    snapshot of symlinks into the repo's ``blobs/``, as the Hub client writes them); returns
+    ``hub``."""
     repo = hub / f"models--{repo_id.replace('/', '--')}"
     if repo.is_dir():
         return hub
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
     for file in folder.iterdir():
-        os.symlink(file, snapshot / file.name)
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        blob = repo / "blobs" / digest
+        if not blob.exists():
+            try:  # a hard link: the cache's links stay inside the repo folder (merge.links)
+                os.link(file, blob)
+            except OSError:
+                shutil.copyfile(file, blob)
+        os.symlink(Path("..", "..", "blobs", digest), snapshot / file.name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return hub

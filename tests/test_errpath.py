@@ -233,8 +233,13 @@ def test_deeply_nested_json(tmp_path: Path, llama_base: Path, name: str) -> None
     )
 
 
-@pytest.mark.parametrize("offset", ["Infinity", "NaN", "1e3", "true", '"8"'])
-def test_non_integer_data_offsets(tmp_path: Path, llama_base: Path, offset: str) -> None:
+@pytest.mark.parametrize(
+    ("offset", "shown"),
+    [("Infinity", "inf"), ("NaN", "nan"), ("1e3", "1000.0"), ("true", "True"), ('"8"', "8")],
+)
+def test_non_integer_data_offsets(
+    tmp_path: Path, llama_base: Path, offset: str, shown: str
+) -> None:
     model = copy_model(llama_base, tmp_path)
     file = model / "model.safetensors"
     text = f'{{"w": {{"dtype": "F32", "shape": [2], "data_offsets": [0, {offset}]}}}}'
@@ -242,8 +247,8 @@ def test_non_integer_data_offsets(tmp_path: Path, llama_base: Path, offset: str)
     recipe = recipe_for(tmp_path, model)
     line = run_fails("plan", recipe)
     assert line == (
-        f"{recipe}:3: models[0].model: model '{model}' ({file}): "
-        "corrupt header: bad entry for tensor 'w'"
+        f"{recipe}:3: models[0].model: model '{model}' ({file}): corrupt header: tensor 'w' "
+        f"has shape [2] and offsets [0, {shown}]: they must be integers"
     )
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from merge.card.render import Fields
 from merge.errors import BuildError
+from merge.links import inside
 from merge.sources import ModelRef
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,6 +65,7 @@ def input_card(folder: Path | None) -> dict[str, Any] | None:
     path = folder / "README.md" if folder is not None else None
     if path is None or not path.is_file():
         return None
+    inside(path, path.parent)
     try:
         meta = metadata_load(path) or {}
     except Exception:  # a card whose front matter is not YAML states nothing

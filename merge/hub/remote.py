@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from merge.checkpoint import Checkpoint, TensorInfo, header_entry, read_headers
+from merge.checkpoint import Checkpoint, TensorInfo, check_layout, header_entry, read_headers
 from merge.errors import CheckpointError
 from merge.hub.download import _first_line, _hub_errors, hub_or_cache, no_weights, select_files
 from merge.outdir import existing_ancestor
@@ -188,7 +188,9 @@ def _remote_header(model: RemoteModel, label: str, file: Path) -> dict[str, Tens
         for t, i in meta.tensors.items()
     }
     # The data is taken to end the file (as every writer does); the disk copy is checked.
-    return {t: header_entry(t, e, file, where, end, size) for t, e in entries.items()}
+    infos = {t: header_entry(t, e, file, where, end, size) for t, e in entries.items()}
+    check_layout(infos, where, size - end, end)
+    return infos
 
 
 def download_weights(models: list[RemoteModel], *, progress: bool = True) -> None:

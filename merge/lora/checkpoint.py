@@ -13,6 +13,7 @@ import torch
 
 from merge.checkpoint import Checkpoint, TensorSource
 from merge.errors import CheckpointError
+from merge.links import check_folder
 from merge.lora.adapter import Adapter, read_adapter
 
 
@@ -37,6 +38,7 @@ class LoraCheckpoint(TensorSource):
             raise CheckpointError(
                 f"model '{label}': adapter '{adapter_label}' ({adapter_dir}): directory not found"
             )
+        check_folder(Path(adapter_dir), adapter_label)
         adapter = read_adapter(
             Path(adapter_dir),
             base,
