@@ -38,6 +38,7 @@ from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_N
 from merge.card.output import write as write_card_files
 from merge.errors import OutputError
 from merge.execute import Resources, execute
+from merge.finite import FiniteCheck
 from merge.hub import check_download_space
 from merge.jobs import Plan
 from merge.links import inside
@@ -300,6 +301,7 @@ def run(
     build_key: str | None = None,
     stages_text: str | None = None,
     license: str | None = None,
+    strict_finite: bool = False,
 ) -> Path:
     """Merge: plan, check the output location, download the weights of Hub models not in the
     cache (progress bars with ``progress``), stream every tensor, then finalize atomically.
@@ -314,7 +316,9 @@ def run(
     models; ``locked`` makes a missing lock, a recipe changed since it was locked or an input
     that differs from it an error (nothing written). ``lock_sha256`` (the lock the inputs were
     resolved from; default: the sha256 of the lock used) and ``build_key`` (a multi-stage
-    build's key) are recorded in the output's ``merge-manifest.json``."""
+    build's key) are recorded in the output's ``merge-manifest.json``. Every output tensor
+    is checked to be finite (``merge.finite``): an overflow or NaN/Inf made by the merge is an
+    error, NaN/Inf carried from an input a warning (an error with ``strict_finite``)."""
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
@@ -348,7 +352,15 @@ def run(
             hashes = InputHashes(p.models)
             try:
                 with AtomicOutput(target, overwrite) as tmp:
-                    execute(p, tmp, progress=progress, computed=computed, resources=resources)
+                    finite = FiniteCheck(strict_finite, warn)
+                    execute(
+                        p,
+                        tmp,
+                        progress=progress,
+                        computed=computed,
+                        resources=resources,
+                        finite=finite,
+                    )
                     write_extras(p, tmp, copy_tokenizer=copy_tokenizer)
                     _copy_lock(p, lock, tmp, stages_text)
                     inputs = hashes.result()

@@ -83,6 +83,7 @@ def run(
     transformers_cache: opt.CacheOpt = None,
     locked: opt.LockedOpt = False,
     license: opt.LicenseOpt = None,
+    strict_finite: opt.StrictFiniteOpt = False,
     intermediate_dir: opt.IntermediateDirOpt = None,
     lazy: opt.LazyOpt = True,
     out_path: opt.OutPathOpt = None,
@@ -145,6 +146,7 @@ def run(
             cache_dir=transformers_cache,
             locked=locked,
             license=license,
+            strict_finite=strict_finite,
         )
         said = run_file(
             recipe,

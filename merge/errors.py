@@ -51,3 +51,8 @@ class BuildError(MergeError):
 
 class PublishError(MergeError):
     """Publishing to the Hub failed."""
+
+
+class ComputeError(MergeError):
+    """A tensor cannot be written as merged: NaN/Inf in the result, an overflow of the output
+    dtype, or integer tensors that differ between models (nothing is written)."""

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from merge.errors import CheckpointError, MergeError
+from merge.errors import CheckpointError, ComputeError, MergeError
+from merge.finite import FiniteCheck, InputChunks
 from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
@@ -102,22 +103,23 @@ def read_inputs(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.T
     return tensors, base
 
 
+def _view(plan: Plan, model: str, name: str) -> torch.Tensor:
+    """A flat zero-copy view of one tensor (stored dtype)."""
+    try:
+        tensor = plan.models[model].checkpoint.view(name)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a file that cannot be mapped
+        raise CheckpointError(f"model '{model}': cannot read tensor '{name}': {e}") from None
+    if tensor is None:  # pragma: no cover - merge.memory.streamed checked can_view
+        raise RuntimeError(f"'{name}' of model '{model}' cannot be mapped")
+    return tensor.reshape(-1)
+
+
 def _views(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Flat zero-copy views of a streamed job's inputs and base (stored dtype)."""
-
-    def view(model: str, name: str) -> torch.Tensor:
-        try:
-            tensor = plan.models[model].checkpoint.view(name)
-        except CheckpointError:
-            raise
-        except Exception as e:  # a file that cannot be mapped
-            raise CheckpointError(f"model '{model}': cannot read tensor '{name}': {e}") from None
-        if tensor is None:  # pragma: no cover - merge.memory.streamed checked can_view
-            raise RuntimeError(f"'{name}' of model '{model}' cannot be mapped")
-        return tensor.reshape(-1)
-
-    xs = [view(i.model, i.name) for i in job.inputs]
-    return xs, view(job.base.model, job.base.name) if job.base else None
+    xs = [_view(plan, i.model, i.name) for i in job.inputs]
+    return xs, _view(plan, job.base.model, job.base.name) if job.base else None
 
 
 def _chunk_reader(plan: Plan, job: TensorJob, stored: bool = False) -> Callable[[int, int], Any]:
@@ -151,19 +153,66 @@ def job_chunks(plan: Plan, job: TensorJob) -> Iterator[tuple[list[torch.Tensor],
     yield tensors, whole_base
 
 
-def _stream_job(plan: Plan, job: TensorJob, params: dict[str, Any], writer: ShardWriter) -> None:
+def _models(job: TensorJob) -> list[str]:
+    return [r.model for r in [*job.inputs, *([job.base] if job.base else [])]]
+
+
+def _input_chunks(plan: Plan, job: TensorJob) -> InputChunks:
+    """A job's inputs and base as (model, values), chunk by chunk from the memory maps where
+    they can be mapped, else whole (only read when an output chunk is not finite)."""
+    reads = [*job.inputs, *([job.base] if job.base else [])]
+
+    def chunks() -> Iterator[list[tuple[str, torch.Tensor]]]:
+        views = all(plan.models[r.model].checkpoint.can_view(r.name) for r in reads)
+        if views and job.vocab is None:  # a vocabulary tensor's inputs have their own rows
+            xs, base = _views(plan, job)
+            pairs = list(
+                zip(_models(job), [*xs, *([base] if base is not None else [])], strict=True)
+            )
+            for start, stop in chunk_bounds(job.numel):
+                yield [(m, x[start:stop]) for m, x in pairs]
+        else:
+            yield [(r.model, _read(plan, r.model, r.name)) for r in reads]
+
+    return chunks
+
+
+def _agree(job: TensorJob, tensor: torch.Tensor, others: list[torch.Tensor]) -> None:
+    """An integer tensor is copied only when every other model's is the same, bit for bit."""
+    differ = [a.model for a, o in zip(job.agree, others, strict=True) if not torch.equal(tensor, o)]
+    if differ:
+        names = ", ".join(f"'{m}'" for m in differ)
+        raise ComputeError(
+            f"tensor '{job.name}': the integer ({str(tensor.dtype).removeprefix('torch.')}) "
+            f"tensor of model(s) {names} differs from model '{job.inputs[0].model}''s; integer "
+            "tensors are copied, never averaged, only when all models agree bit for bit; "
+            "nothing was written"
+        )
+
+
+def _stream_job(
+    plan: Plan, job: TensorJob, params: dict[str, Any], writer: ShardWriter, finite: FiniteCheck
+) -> None:
     """Run a streamed job: chunks from the memory maps, each output chunk to its shard."""
+    models, inputs = _models(job), _input_chunks(plan, job)
     if job.copy:
         (view,), _ = _views(plan, job)
+        others = [_view(plan, a.model, a.name) for a in job.agree]
         for start, stop in chunk_bounds(job.numel):
-            writer.write_part(job.name, start, view[start:stop].to(job.dtype))
+            part = view[start:stop]
+            _agree(job, part, [o[start:stop] for o in others])
+            cast = part.to(job.dtype)
+            finite.chunk(job.name, part, cast, models, inputs)
+            writer.write_part(job.name, start, cast)
         return
     stream = plan.method.stream
     assert stream is not None
     state = stream(params, job.shape, _rng(plan, job))
 
     def emit(start: int, chunk: torch.Tensor) -> None:
-        writer.write_part(job.name, start, chunk.to(job.dtype))
+        cast = chunk.to(job.dtype)
+        finite.chunk(job.name, chunk, cast, models, inputs)
+        writer.write_part(job.name, start, cast)
 
     merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs), emit)
 
@@ -171,13 +220,14 @@ def _stream_job(plan: Plan, job: TensorJob, params: dict[str, Any], writer: Shar
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
     """A copied tensor, with an MoE expert's noise and scale applied in float32."""
     tensor = _read(plan, job.inputs[0].model, job.inputs[0].name)
+    _agree(job, tensor, [_read(plan, a.model, a.name) for a in job.agree])
     if job.noise == 0.0 and job.scale == 1.0:
-        return tensor.to(job.dtype)
+        return tensor
     out = tensor.to(torch.float32)
     if job.noise:
         gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
         out = out + torch.randn(out.shape, generator=gen) * job.noise
-    return (out * job.scale).to(job.dtype)
+    return out * job.scale
 
 
 def _device_inputs(
@@ -226,25 +276,33 @@ def run_job(
     computed: Mapping[str, torch.Tensor] | None = None,
     *,
     mover: Mover | None = None,
+    finite: FiniteCheck | None = None,
 ) -> torch.Tensor:
     """The output tensor of one job read whole, in its output dtype, on the CPU (``params``:
     the job's parameters with a global trim's share, default ``job.params``; ``computed``
     jobs take their tensor from ``computed``; with a ``mover`` the method runs on its
-    device)."""
+    device; ``finite`` checks the result, ``merge.finite``)."""
+    check = finite or FiniteCheck()
     if job.computed is not None:
         if computed is None or job.name not in computed:
             raise RuntimeError(f"'{job.name}': computed tensor was not provided")
-        return computed[job.name].to(job.dtype)
+        cast = computed[job.name].to(job.dtype)
+        check.chunk(job.name, computed[job.name], cast, [], lambda: ())
+        return cast
     if job.copy:
-        return _copy(plan, job)
+        source = _copy(plan, job)
+        cast = source.to(job.dtype)
+        check.chunk(job.name, source, cast, _models(job), _input_chunks(plan, job))
+        return cast
     with mover.stream() if mover is not None else nullcontext():
         if mover is not None:
             tensors, base = _device_inputs(plan, job, mover)
         else:
             tensors, base = read_inputs(plan, job)
         out = _apply(plan, job, tensors, base, job.params if params is None else params)
-        out = out.to(job.dtype)
-        return mover.back(out) if mover is not None else out
+        cast = out.to(job.dtype)
+        check.chunk(job.name, out, cast, _models(job), _input_chunks(plan, job))
+        return mover.back(cast) if mover is not None else cast
 
 
 def _trim_params(plan: Plan, show: bool, res: Resources) -> dict[str, dict[str, Any]]:
@@ -335,11 +393,14 @@ def execute(
     progress: bool = True,
     computed: Mapping[str, torch.Tensor] | None = None,
     resources: Resources | None = None,
+    finite: FiniteCheck | None = None,
 ) -> None:
     """Write every output tensor of ``plan`` as safetensors shards into ``directory``
     (``computed``: the tensors of the plan's computed jobs, by name), running jobs in
-    parallel within ``resources`` (default: ``Resources.resolve()``)."""
+    parallel within ``resources`` (default: ``Resources.resolve()``); ``finite`` checks every
+    output chunk (``merge.finite``; default: warnings dropped, not strict)."""
     res = resources or Resources.resolve()
+    check = finite or FiniteCheck()
     keep_freed_memory()
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
     show = progress and sys.stderr.isatty()
@@ -363,9 +424,10 @@ def execute(
                 job = plan.jobs[i]
                 params = trimmed.get(job.name, job.params)
                 if mover is None and streamed(job, plan.models, plan.method):
-                    _stream_job(plan, job, params, writer)
+                    _stream_job(plan, job, params, writer, check)
                 else:
-                    writer.write(job.name, run_job(plan, job, params, computed, mover=mover))
+                    out = run_job(plan, job, params, computed, mover=mover, finite=check)
+                    writer.write(job.name, out)
                 with lock:
                     bar.update(job.numel * job.dtype.itemsize)
 

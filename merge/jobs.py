@@ -51,9 +51,10 @@ class TensorJob:
 
     ``copy`` jobs read their one input and cast it; an MoE expert's copy may first get seeded
     Gaussian noise of std ``noise`` and a factor ``scale`` (mergekit-moe's ``noise_scale`` and
-    ``residual_scale``). ``computed`` jobs have no inputs: their tensor is computed after
-    planning (MoE gates) and handed to the executor by name; the string says how, for
-    ``merge plan``."""
+    ``residual_scale``). An integer tensor is a copy whose ``agree`` inputs (the other
+    models') must hold the same bytes, else the run fails. ``computed`` jobs have no inputs:
+    their tensor is computed after planning (MoE gates) and handed to the executor by name;
+    the string says how, for ``merge plan``."""
 
     name: str
     shape: tuple[int, ...]
@@ -67,6 +68,7 @@ class TensorJob:
     computed: str | None = None
     noise: float = 0.0
     scale: float = 1.0
+    agree: tuple[Input, ...] = ()  # an integer copy's other models: must be bit-identical
 
     @property
     def numel(self) -> int:

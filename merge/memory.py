@@ -43,7 +43,7 @@ def streamed(job: TensorJob, models: dict[str, Model], method: Method) -> bool:
         chunked = job.noise == 0.0 and job.scale == 1.0
     else:
         chunked = method.stream is not None
-    reads = [*job.inputs, *([job.base] if job.base else [])]
+    reads = [*job.inputs, *([job.base] if job.base else []), *job.agree]
     return chunked and all(models[r.model].checkpoint.can_view(r.name) for r in reads)
 
 

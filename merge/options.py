@@ -248,6 +248,13 @@ AllowCrimesOpt = Annotated[
         panel=MERGEKIT_PANEL,
     ),
 ]
+StrictFiniteOpt = Annotated[
+    bool,
+    flag(
+        "--strict-finite/--no-strict-finite",
+        help="NaN/Inf in an input tensor that reaches the output is an error, not a warning.",
+    ),
+]
 TrustRemoteCodeOpt = Annotated[
     bool,
     flag(

@@ -228,7 +228,7 @@ def _unused_tensors(
     read: dict[str, set[str]] = {}
     for job in jobs:
         extra = job.vocab.extra if job.vocab else ()
-        for inp in [*job.inputs, *([job.base] if job.base else []), *extra]:
+        for inp in [*job.inputs, *([job.base] if job.base else []), *extra, *job.agree]:
             read.setdefault(inp.model, set()).add(inp.name)
     warnings = []
     for ref, model in models.items():

@@ -144,7 +144,7 @@ def _job(
     info = ctx.models[ref.model].checkpoint.tensors[ref.name]
     shape = tuple(info.shape)
     if not info.dtype.is_floating_point:
-        return TensorJob(out_name, shape, info.dtype, (ref,), None, {}, layer, copy=True)
+        return _integer_job(ctx, out_name, ref, [*inputs, *([base] if base else [])], layer)
     vocab = (
         module == mods.TEXT
         and ctx.vocab is not None
@@ -159,7 +159,11 @@ def _job(
                 f"output tensor '{out_name}')"
             )
             continue
-        other = tuple(ctx.models[src.model].checkpoint.tensors[found].shape)
+        other_info = ctx.models[src.model].checkpoint.tensors[found]
+        if not other_info.dtype.is_floating_point:
+            ctx.problems.append(_dtype_problem(out_name, ref, info.dtype, src.model, other_info))
+            continue
+        other = tuple(other_info.shape)
         want = (_rows(ctx, src.model), *shape[1:]) if vocab else shape
         if other != want:
             vocabs = vocab_tensor(out_name, shape, _rows(ctx, ref.model)) and vocab_tensor(
@@ -182,6 +186,57 @@ def _job(
         return job
     fill_base = base[0].model if base else ctx.recipe.base_model
     return align_job(ctx.vocab, job, fill_base, ctx.models, ctx.has, ctx.problems)
+
+
+def _integer_job(
+    ctx: Ctx,
+    out_name: str,
+    ref: Input,
+    reads: Sequence[tuple[Source, str]],
+    layer: int | None,
+) -> TensorJob | None:
+    """An integer tensor: never averaged, copied from ``ref``; every other model's tensor
+    must have its dtype and shape (here) and its bytes (when the run reads them)."""
+    info = ctx.models[ref.model].checkpoint.tensors[ref.name]
+    agree: list[Input] = []
+    ok = True
+    for src, name in reads:
+        found = ctx.has(src.model, name)
+        if found is None:
+            ctx.problems.append(
+                f"model '{src.model}' has no tensor '{name}' (needed for "
+                f"output tensor '{out_name}')"
+            )
+            ok = False
+            continue
+        other = ctx.models[src.model].checkpoint.tensors[found]
+        if other.dtype != info.dtype:
+            ctx.problems.append(_dtype_problem(out_name, ref, info.dtype, src.model, other))
+            ok = False
+        elif tuple(other.shape) != tuple(info.shape):
+            ctx.problems.append(
+                _shape_problem(ref, tuple(info.shape), src.model, found, tuple(other.shape))
+            )
+            ok = False
+        elif Input(src.model, found) != ref and Input(src.model, found) not in agree:
+            agree.append(Input(src.model, found))
+    if not ok:
+        return None
+    shape = tuple(info.shape)
+    return TensorJob(
+        out_name, shape, info.dtype, (ref,), None, {}, layer, copy=True, agree=tuple(agree)
+    )
+
+
+def _dtype_problem(out_name: str, ref: Input, dtype: Any, model: str, other: Any) -> str:
+    def show(d: Any) -> str:
+        return str(d).removeprefix("torch.")
+
+    return (
+        f"tensor '{out_name}': dtype {show(other.dtype)} in model '{model}' does not match "
+        f"{show(dtype)} in model '{ref.model}'; integer tensors are copied, never averaged, "
+        "so every model must store them with the same dtype"
+    )
 
 
 def _shape_problem(

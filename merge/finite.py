@@ -1,0 +1,112 @@
+"""Finite by construction: the checks the executor runs on every output chunk.
+
+Each output chunk (a streamed chunk, or a whole tensor) is checked once, after the cast to
+the output dtype: ``torch.isfinite(cast).all()``, one fused pass over the output bytes, which
+covers both a float32 result that is NaN/Inf and a finite one that overflows float16 or
+bfloat16. Only when that fails does ``FiniteCheck.chunk`` look closer (the rare path):
+
+- finite in float32 but Inf after the cast: the output dtype overflowed, an error naming the
+  tensor, the largest |value| and the dtype (``ComputeError``: nothing is written);
+- non-finite in float32 while some input (or the base) of the tensor holds NaN/Inf: the
+  inputs' values carried through, reported once per tensor with each model's count: a
+  warning, or an error under ``--strict-finite``;
+- non-finite in float32 with every input finite: the merge itself produced them, an error.
+
+What it does not do: scan inputs whose NaN/Inf never reach the output (that would cost a
+pass over every input of every merge); a NaN masked out by a method is harmless.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+import torch
+
+from merge.errors import ComputeError
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+InputChunks = Callable[[], Iterable[list[tuple[str, torch.Tensor]]]]
+"""Every chunk of a tensor's inputs and base, as (model, values) pairs (the rare path)."""
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _models(names: Iterable[str]) -> str:
+    return ", ".join(f"'{m}'" for m in dict.fromkeys(names))
+
+
+class FiniteCheck:
+    """The finiteness checks of one run (thread-safe: jobs run in parallel). ``strict``:
+    NaN/Inf carried from an input is an error, not a warning (``warn`` gets warnings)."""
+
+    def __init__(self, strict: bool = False, warn: Callable[[str], None] | None = None):
+        self.strict = strict
+        self.warn = warn
+        self._lock = threading.Lock()
+        self._carried: set[str] = set()  # tensors whose inputs' NaN/Inf were reported
+
+    def chunk(
+        self,
+        name: str,
+        source: torch.Tensor,
+        cast: torch.Tensor,
+        models: list[str],
+        inputs: InputChunks,
+    ) -> None:
+        """Check one output chunk of tensor ``name``: ``source`` before the cast (the float32
+        result, or a copy's stored values), ``cast`` after it; ``models`` made it."""
+        if not cast.dtype.is_floating_point or bool(torch.isfinite(cast).all()):
+            return
+        finite = torch.isfinite(source)
+        over = finite & ~torch.isfinite(cast.to(finite.device))
+        if bool(over.any()):
+            biggest = float(source[over].abs().max())
+            dtype = _dtype(cast.dtype)
+            raise ComputeError(
+                f"tensor '{name}': values up to {biggest:.4g} overflow {dtype} (largest finite "
+                f"{torch.finfo(cast.dtype).max:.4g}); nothing was written; write the output "
+                "as dtype: bfloat16 or dtype: float32"
+            )
+        with self._lock:
+            if name in self._carried:
+                return
+        counts = _nonfinite_inputs(inputs)
+        if not counts:
+            bad = int((~finite).sum())
+            made = f" from models {_models(models)}, whose values are all finite" if models else ""
+            raise ComputeError(
+                f"tensor '{name}': the merge gave {bad} non-finite values (NaN/Inf){made}; "
+                "nothing was written"
+            )
+        found = ", ".join(f"{n} in model '{m}'" for m, n in counts.items())
+        if self.strict:
+            raise ComputeError(
+                f"tensor '{name}': the inputs hold NaN/Inf values ({found}); nothing was "
+                "written (--strict-finite); fix or leave out those models"
+            )
+        with self._lock:
+            if name in self._carried:
+                return
+            self._carried.add(name)
+        if self.warn is not None:
+            self.warn(
+                f"tensor '{name}': the inputs hold NaN/Inf values ({found}), carried into "
+                "the output (--strict-finite makes this an error)"
+            )
+
+
+def _nonfinite_inputs(inputs: InputChunks) -> dict[str, int]:
+    """Each model's count of NaN/Inf values over all chunks of a tensor's inputs."""
+    counts: dict[str, int] = {}
+    for pairs in inputs():
+        for model, values in pairs:
+            if not values.dtype.is_floating_point:
+                continue
+            n = int((~torch.isfinite(values)).sum())
+            if n:
+                counts[model] = counts.get(model, 0) + n
+    return counts
