@@ -191,3 +191,14 @@ def test_integer_and_float_dtypes_disagree_is_a_plan_error(tmp_path: Path, first
         "same dtype"
     ) in err
     assert ints != floats
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_finite_values_whose_sum_overflows_are_fine(tmp_path: Path, dtype: str) -> None:
+    """The fast check is a float32 sum; finite values whose sum overflows are still written."""
+    a = model(tmp_path, "a", 0, **{Q: torch.full((16, 16), 2e38)})
+    doc = {"merge_method": "passthrough", "models": [{"model": str(a)}], "dtype": dtype}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    out = api.run(tmp_path / "r.yaml", tmp_path / "out", progress=False)
+    got = load_state(out)[Q]
+    assert bool(torch.isfinite(got).all()) and float(got.float().min()) > 1e38
