@@ -69,6 +69,7 @@ def run(
     recipe: opt.RecipeArg,
     out: opt.OutArg = None,
     overwrite: opt.OverwriteOpt = False,
+    resume: opt.ResumeOpt = False,
     seed: opt.SeedOpt = None,
     out_shard_size: opt.ShardOpt = "5GB",
     threads: opt.ThreadsOpt = None,
@@ -121,6 +122,7 @@ def run(
     from merge.build.multistage import Settings
     from merge.build.runner import run_file
     from merge.execute import Resources
+    from merge.resume import stop_on_signals
     from merge.settings import device_name
 
     if out is not None and out_path is not None and out != out_path:
@@ -145,6 +147,7 @@ def run(
             cache_dir=transformers_cache,
             locked=locked,
             license=license,
+            resume=resume,
         )
         said = run_file(
             recipe,
@@ -161,7 +164,8 @@ def run(
         return said
 
     start = time.perf_counter()
-    said = _guard(go, quiet, opt.notices(ctx))
+    with stop_on_signals():  # SIGTERM, SIGHUP stop as Ctrl-C does, keeping finished work
+        said = _guard(go, quiet, opt.notices(ctx))
     if not quiet:
         typer.echo(f"{said} in {time.perf_counter() - start:.2f} s", err=True)
 

@@ -62,6 +62,7 @@ class Settings:
     cache_dir: str | Path | None = None
     locked: bool = False  # --locked: the lock must exist and match (merge.build.locked)
     license: str | None = None  # --license: the model card's, instead of the inferred one
+    resume: bool = False  # --resume: continue an interrupted run (merge.resume)
 
     def plan_options(self) -> dict[str, Any]:
         """The keywords of ``merge.api.plan``."""
@@ -81,6 +82,7 @@ class Settings:
             "write_card": self.write_card,
             "locked": self.locked,
             "license": self.license,
+            "resume": self.resume,
         }
 
     def key_options(self) -> dict[str, Any]:
