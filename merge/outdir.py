@@ -26,6 +26,10 @@ from types import TracebackType
 from merge.errors import OutputError
 
 
+def _mkdir(path: Path) -> None:
+    os.mkdir(path)
+
+
 class AtomicOutput:
     """Context manager: a temporary sibling directory that becomes ``final`` on success.
 
@@ -54,12 +58,16 @@ class AtomicOutput:
             if self.resume and self.temp.is_dir() and not self.temp.is_symlink():
                 return self.temp
             try:
-                self.temp.mkdir()
+                _mkdir(self.temp)
             except FileExistsError:
                 raise OutputError(
                     f"'{self.temp}' appeared while planning; another merge is writing "
                     f"'{self.final}'"
                 ) from None
+            except PermissionError as e:  # the parent's permissions are what to check
+                if e.filename == str(self.temp):
+                    e.filename = str(parent)
+                raise
             return self.temp
         self.temp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
         umask = os.umask(0)
