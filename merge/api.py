@@ -47,6 +47,16 @@ from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
+from merge.resume import (
+    Journal,
+    clear_for_resume,
+    interrupted,
+    leftover_problems,
+    partial_dir,
+    plan_identity,
+    read_journal,
+    stale_siblings,
+)
 from merge.settings import applied, device_name
 from merge.sources import pinned
 from merge.sourceset import (
@@ -180,13 +190,15 @@ def default_output(recipe_file: Path) -> Path:
     return Path.cwd() / f"{recipe_file.stem}-merged"
 
 
-def _check_output(p: Plan, out: Path, overwrite: bool) -> None:
-    """Where the output goes, and the disk space for it and for the weights to download."""
+def _check_output(p: Plan, out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Where the output goes, an interrupted run's leftovers (``merge.resume``), and the disk
+    space for it and for the weights to download."""
     problems = check_output_location(out, list(iter_unique_dirs(p.models)))
     if problems:
         raise OutputError(problems)  # the path itself is unusable: nothing else to ask
     if out.exists() and not overwrite:
         problems.append(f"output '{out}' already exists; pass --overwrite to replace it")
+    problems += leftover_problems(out, plan_identity(p), len(p.jobs), resume)
     need = p.shards.total_bytes + 50 * 2**20
     for space in (
         check_disk_space(out, need),
@@ -302,6 +314,7 @@ def run(
     stages_text: str | None = None,
     license: str | None = None,
     strict_finite: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Merge: plan, check the output location, download the weights of Hub models not in the
     cache (progress bars with ``progress``), stream every tensor, then finalize atomically.
@@ -318,7 +331,10 @@ def run(
     resolved from; default: the sha256 of the lock used) and ``build_key`` (a multi-stage
     build's key) are recorded in the output's ``merge-manifest.json``. Every output tensor
     is checked to be finite (``merge.finite``): an overflow or NaN/Inf made by the merge is an
-    error, NaN/Inf carried from an input a warning (an error with ``strict_finite``)."""
+    error, NaN/Inf carried from an input a warning (an error with ``strict_finite``). The
+    output is built in ``.OUT.partial`` beside it, with a journal of finished tensors; an
+    interrupt keeps it, and ``resume`` continues from the tensors there whose bytes verify
+    (``merge.resume``)."""
     resources = Resources.resolve(threads, max_memory, device_name(device))
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
@@ -343,15 +359,21 @@ def run(
     ) as first:
         if warn is not None:
             mem = memory(first, resources)
-            for w in [*first.warnings, *mem.warnings(), *_dropped(first, copy_tokenizer)]:
+            dropped = _dropped(first, copy_tokenizer)
+            for w in [*first.warnings, *mem.warnings(), *dropped, *stale_siblings(target)]:
                 warn(w)
-        _check_output(first, target, overwrite)
+        _check_output(first, target, overwrite, resume)
         with _downloaded(first, again, progress) as p:
             _check_tokenizer(p, copy_tokenizer)
             computed = _gates(p, progress, warn, info)
             hashes = InputHashes(p.models)
             try:
-                with AtomicOutput(target, overwrite) as tmp:
+                with (
+                    AtomicOutput(target, overwrite, partial=True, resume=resume) as tmp,
+                    Journal(tmp, plan_identity(p)) as journal,
+                ):
+                    kept = _kept(p, tmp) if resume else None
+                    journal.start(kept or {})
                     finite = FiniteCheck(strict_finite, warn)
                     execute(
                         p,
@@ -360,6 +382,8 @@ def run(
                         computed=computed,
                         resources=resources,
                         finite=finite,
+                        journal=journal,
+                        resume=kept,
                     )
                     write_extras(p, tmp, copy_tokenizer=copy_tokenizer)
                     _copy_lock(p, lock, tmp, stages_text)
@@ -375,6 +399,7 @@ def run(
                         for w in said:
                             if warn is not None:
                                 warn(w)
+                    journal.remove()
                     manifest = make_manifest(
                         tmp,
                         recipe_text=p.recipe.text,
@@ -384,9 +409,21 @@ def run(
                         build_key=build_key,
                     )
                     write_manifest(tmp, manifest)
+            except KeyboardInterrupt:
+                if partial_dir(target).is_dir():
+                    raise interrupted(target, len(p.jobs)) from None
+                raise
             finally:
                 hashes.cancel()
     return target
+
+
+def _kept(p: Plan, tmp: Path) -> dict[str, str]:
+    """The journaled tensors of the interrupted run in ``tmp`` (each is verified against its
+    bytes by the writer); everything there but the shards and the journal is removed."""
+    found, done = read_journal(tmp)
+    clear_for_resume(tmp, {s.filename for s in p.shards.shards})
+    return done if found == plan_identity(p) else {}
 
 
 def _dropped(p: Plan, copy_tokenizer: bool) -> list[str]:

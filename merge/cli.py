@@ -69,6 +69,7 @@ def run(
     recipe: opt.RecipeArg,
     out: opt.OutArg = None,
     overwrite: opt.OverwriteOpt = False,
+    resume: opt.ResumeOpt = False,
     seed: opt.SeedOpt = None,
     out_shard_size: opt.ShardOpt = "5GB",
     threads: opt.ThreadsOpt = None,
@@ -122,6 +123,7 @@ def run(
     from merge.build.multistage import Settings
     from merge.build.runner import run_file
     from merge.execute import Resources
+    from merge.resume import stop_on_signals
     from merge.settings import device_name
 
     if out is not None and out_path is not None and out != out_path:
@@ -147,6 +149,7 @@ def run(
             locked=locked,
             license=license,
             strict_finite=strict_finite,
+            resume=resume,
         )
         said = run_file(
             recipe,
@@ -163,7 +166,8 @@ def run(
         return said
 
     start = time.perf_counter()
-    said = _guard(go, quiet, opt.notices(ctx))
+    with stop_on_signals():  # SIGTERM, SIGHUP stop as Ctrl-C does, keeping finished work
+        said = _guard(go, quiet, opt.notices(ctx))
     if not quiet:
         typer.echo(f"{said} in {time.perf_counter() - start:.2f} s", err=True)
 

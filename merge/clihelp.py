@@ -94,8 +94,8 @@ def _guard(fn: Callable[[], T], quiet: bool = False, notes: list[str] | None = N
             if os.environ.get("MERGE_DEBUG"):
                 raise
             _fail(e.problems)
-        except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was written", err=True)
+        except KeyboardInterrupt as e:  # merge.resume.Interrupted says what it kept
+            typer.echo(escape_control(str(e)) or "interrupted; nothing was written", err=True)
             raise typer.Exit(130) from None
         except (typer.Exit, SystemExit):
             raise

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -60,6 +60,9 @@ from merge.methods.stream import chunk_bounds, merge_chunks
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
 from merge.vocab import align
 from merge.writer import ShardWriter, parse_size
+
+if TYPE_CHECKING:
+    from merge.resume import Journal
 
 
 def _read(plan: Plan, model: str, name: str) -> torch.Tensor:
@@ -394,11 +397,15 @@ def execute(
     computed: Mapping[str, torch.Tensor] | None = None,
     resources: Resources | None = None,
     finite: FiniteCheck | None = None,
+    journal: Journal | None = None,
+    resume: dict[str, str] | None = None,
 ) -> None:
     """Write every output tensor of ``plan`` as safetensors shards into ``directory``
     (``computed``: the tensors of the plan's computed jobs, by name), running jobs in
     parallel within ``resources`` (default: ``Resources.resolve()``); ``finite`` checks every
-    output chunk (``merge.finite``; default: warnings dropped, not strict)."""
+    output chunk (``merge.finite``; default: warnings dropped, not strict). ``journal``
+    records each finished tensor; ``resume`` (an interrupted run's journaled tensors) skips
+    those whose bytes in ``directory`` still hash as recorded (``merge.resume``)."""
     res = resources or Resources.resolve()
     check = finite or FiniteCheck()
     keep_freed_memory()
@@ -418,7 +425,9 @@ def execute(
 
     with single_intra_op():
         trimmed = _trim_params(plan, show, res)
-        with ShardWriter(directory, plan.shards, metadata) as writer, bar:
+        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
+        with writer, bar:
+            bar.update(writer.written_bytes)
 
             def work(i: int) -> None:
                 job = plan.jobs[i]
@@ -428,9 +437,9 @@ def execute(
                 else:
                     out = run_job(plan, job, params, computed, mover=mover, finite=check)
                     writer.write(job.name, out)
+                writer.finish(job.name)
                 with lock:
                     bar.update(job.numel * job.dtype.itemsize)
 
-            run_jobs(
-                work, job_order(plan.jobs), peaks=peaks, budget=res.budget, threads=res.threads
-            )
+            order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in writer.done]
+            run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)

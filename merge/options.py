@@ -169,6 +169,14 @@ LazyOpt = Annotated[
         "rebuilds every stage.",
     ),
 ]
+ResumeOpt = Annotated[
+    bool,
+    flag(
+        "--resume",
+        help="Continue an interrupted run into OUT from the tensors it finished (each "
+        "re-verified by its sha256); the output is the same as an uninterrupted run's.",
+    ),
+]
 LockedOpt = Annotated[
     bool,
     flag(

@@ -5,6 +5,11 @@ only when the whole output is complete, so a failed run leaves nothing behind an
 output is never touched without ``overwrite``. ``check_output_location`` and
 ``check_disk_space`` run before any tensor is read.
 
+With ``partial`` (what ``merge.api.run`` uses) the directory is the fixed sibling
+``.NAME.partial`` (``merge.resume``) instead of a random ``.NAME.tmp-XXXXXXXX``, and an
+interrupt (Ctrl-C, SIGTERM, SIGHUP: a ``KeyboardInterrupt``) keeps it, journal and finished
+tensors included, for ``merge run --resume``; any other exception still removes it.
+
 What it does not do: fsync (a crash of the machine itself, as opposed to the process, may leave
 a renamed but partly flushed output).
 """
@@ -21,6 +26,10 @@ from types import TracebackType
 from merge.errors import OutputError
 
 
+def _mkdir(path: Path) -> None:
+    os.mkdir(path)
+
+
 class AtomicOutput:
     """Context manager: a temporary sibling directory that becomes ``final`` on success.
 
@@ -29,15 +38,37 @@ class AtomicOutput:
     directory is removed and any existing ``final`` is left untouched.
     """
 
-    def __init__(self, final: Path, overwrite: bool = False) -> None:
+    def __init__(
+        self, final: Path, overwrite: bool = False, *, partial: bool = False, resume: bool = False
+    ) -> None:
         self.final = Path(final)
         self.overwrite = overwrite
+        self.partial = partial
+        self.resume = resume
         self.temp: Path | None = None
 
     def __enter__(self) -> Path:
         self._refuse_existing()
         parent = self.final.absolute().parent
         parent.mkdir(parents=True, exist_ok=True)
+        if self.partial:
+            from merge.resume import partial_dir
+
+            self.temp = partial_dir(self.final)
+            if self.resume and self.temp.is_dir() and not self.temp.is_symlink():
+                return self.temp
+            try:
+                _mkdir(self.temp)
+            except FileExistsError:
+                raise OutputError(
+                    f"'{self.temp}' appeared while planning; another merge is writing "
+                    f"'{self.final}'"
+                ) from None
+            except PermissionError as e:  # the parent's permissions are what to check
+                if e.filename == str(self.temp):
+                    e.filename = str(parent)
+                raise
+            return self.temp
         self.temp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -63,6 +94,8 @@ class AtomicOutput:
         assert self.temp is not None, "AtomicOutput used without entering it"
         temp, self.temp = self.temp, None
         if exc_type is not None:
+            if self.partial and issubclass(exc_type, KeyboardInterrupt):
+                return  # kept for --resume
             shutil.rmtree(temp, ignore_errors=True)
             if isinstance(exc, OSError):
                 self._name_final(exc, temp)

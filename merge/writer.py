@@ -11,12 +11,13 @@ checks) is ``merge.outdir``.
 
 What it does not do: compute or cast tensors (the executor hands them over in the planned
 dtype), deduplicate shared storage, write config or tokenizer files,
-or fsync (a crash of the machine itself, as opposed to the process, may leave a renamed but
-partly flushed output). Like safetensors, it assumes a little-endian host.
+or fsync without a journal (``merge.resume``: with one, each finished tensor's bytes are
+fdatasynced before the journal records them). Like safetensors, it assumes a little-endian host.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,8 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from merge.resume import Journal
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -229,10 +234,22 @@ class ShardWriter:
     ``write``/``write_part`` raise ``ValueError`` for a tensor not in the plan, of the wrong
     shape or dtype, or written past its end; ``close`` raises ``RuntimeError`` if any planned
     byte was not written.
+
+    With a ``journal`` (``merge.resume``), ``finish(name)`` syncs a finished tensor's bytes,
+    hashes them as written and records them. With ``resume`` (the journaled tensors of an
+    interrupted run, name -> sha256), existing shards whose header and size are the planned
+    ones are kept, and each journaled tensor whose bytes hash as recorded is done
+    (``self.done``); anything else is written again.
     """
 
     def __init__(
-        self, directory: Path, plan: ShardPlan, metadata: dict[str, str] | None = None
+        self,
+        directory: Path,
+        plan: ShardPlan,
+        metadata: dict[str, str] | None = None,
+        *,
+        journal: Journal | None = None,
+        resume: dict[str, str] | None = None,
     ) -> None:
         if sys.byteorder != "little":  # pragma: no cover
             raise RuntimeError("safetensors shards can only be written on a little-endian host")
@@ -254,31 +271,79 @@ class ShardWriter:
         self._turns: dict[int, threading.Lock] = {}
         self._paths: dict[int, Path] = {}
         self._closed = False
+        self.journal = journal
+        self.done: dict[str, str] = {}  # name -> sha256 of the tensors finished and verified
         try:
             for shard in plan.shards:
-                self._open_shard(shard)
+                self._open_shard(shard, resume)
         except BaseException:
             self.abort()
             raise
 
-    def _open_shard(self, shard: Shard) -> None:
+    def _open_shard(self, shard: Shard, resume: dict[str, str] | None) -> None:
         header = _header_bytes(shard, self.metadata)
         path = self.directory / shard.filename
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = self._reopen(path, header, len(header) + shard.nbytes) if resume else None
+        if fd is None:
+            if resume is not None and os.path.lexists(path):
+                os.unlink(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            resume = None
+            _pwrite_all(fd, header, 0, path)
+            try:
+                os.ftruncate(fd, len(header) + shard.nbytes)
+            except OSError as e:
+                e.filename = e.filename or str(path)
+                raise
         self._fds.append(fd)
         self._paths[fd] = path
         self._turns[fd] = threading.Lock()
-        _pwrite_all(fd, header, 0, path)
-        try:
-            os.ftruncate(fd, len(header) + shard.nbytes)
-        except OSError as e:
-            e.filename = e.filename or str(path)
-            raise
         offset = len(header)
         for spec in shard.tensors:
             self._where[spec.name] = (fd, offset, spec)
             self._left[spec.name] = spec.nbytes
+            if resume is not None and resume.get(spec.name) == self._hash(spec.name):
+                self._left[spec.name] = 0
+                self.written_bytes += spec.nbytes
+                self.done[spec.name] = resume[spec.name]
             offset += spec.nbytes
+
+    @staticmethod
+    def _reopen(path: Path, header: bytes, size: int) -> int | None:
+        """An interrupted run's shard, when its header and size are the planned ones."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        if os.fstat(fd).st_size == size and os.pread(fd, len(header), 0) == header:
+            return fd
+        os.close(fd)
+        return None
+
+    def _hash(self, name: str) -> str:
+        """The sha256 of tensor ``name``'s bytes as they are in its shard now."""
+        fd, offset, spec = self._where[name]
+        digest = hashlib.sha256()
+        end = offset + spec.nbytes
+        while offset < end:
+            block = os.pread(fd, min(end - offset, 16 * 2**20), offset)
+            if not block:
+                break
+            digest.update(block)
+            offset += len(block)
+        return digest.hexdigest()
+
+    def finish(self, name: str) -> None:
+        """Tensor ``name`` is written: with a journal, sync its bytes, then record their
+        sha256 (a no-op without one)."""
+        if self.journal is None:
+            return
+        fd = self._where[name][0]
+        os.fdatasync(fd)
+        digest = self._hash(name)
+        self.journal.record(name, digest)
+        with self._lock:
+            self.done[name] = digest
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one whole tensor to its place in its shard."""

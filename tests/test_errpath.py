@@ -122,10 +122,10 @@ def test_output_directory_not_writable(
     parent = tmp_path / "ro"
     parent.mkdir()
 
-    def denied(prefix: str, dir: Path) -> str:  # what a mode 555 parent does to a non-root user
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+    def denied(path: Path) -> None:  # what a mode 555 parent does to a non-root user
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr("merge.outdir.tempfile.mkdtemp", denied)
+    monkeypatch.setattr("merge.outdir._mkdir", denied)
     out = parent / "out"
     line = run_fails("run", recipe_for(tmp_path, llama_base), out, out=out)
     assert line == f"'{parent}': permission denied; check its permissions or choose another path"

@@ -341,7 +341,7 @@ def test_worker_error_leaves_nothing_behind(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.yaml"]
 
 
-def test_interrupt_in_a_worker_leaves_nothing_behind(
+def test_interrupt_in_a_worker_keeps_finished_work_for_resume(
     tmp_path: Path, llama_base: Path, llama_ft1: Path, monkeypatch: Any
 ) -> None:
     import merge.execute as ex
@@ -355,9 +355,11 @@ def test_interrupt_in_a_worker_leaves_nothing_behind(
 
     monkeypatch.setattr(ex, "_stream_job", interrupted)
     recipe = recipes(llama_base, llama_ft1, llama_ft1)["linear"]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
         run_recipe(tmp_path, recipe, "out", threads=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.yaml"]
+    # no output, only the partial one an interrupt keeps for --resume (merge.resume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "out.yaml"]
+    assert (tmp_path / ".out.partial" / "merge-journal.jsonl").is_file()
 
 
 @pytest.mark.parametrize(

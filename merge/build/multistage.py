@@ -63,6 +63,7 @@ class Settings:
     locked: bool = False  # --locked: the lock must exist and match (merge.build.locked)
     license: str | None = None  # --license: the model card's, instead of the inferred one
     strict_finite: bool = False  # --strict-finite: NaN/Inf carried from an input is an error
+    resume: bool = False  # --resume: continue an interrupted run (merge.resume)
 
     def plan_options(self) -> dict[str, Any]:
         """The keywords of ``merge.api.plan``."""
@@ -83,6 +84,7 @@ class Settings:
             "locked": self.locked,
             "license": self.license,
             "strict_finite": self.strict_finite,
+            "resume": self.resume,
         }
 
     def key_options(self) -> dict[str, Any]:
