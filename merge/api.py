@@ -41,7 +41,7 @@ from merge.execute import Resources, execute
 from merge.finite import FiniteCheck
 from merge.hub import check_download_space
 from merge.jobs import Plan
-from merge.links import inside
+from merge.links import TAGALONG_FILES, inside
 from merge.memory import MemoryPlan, memory_plan
 from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
@@ -72,15 +72,6 @@ from merge.writer import MIN_SHARD_BYTES, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-# Files a multimodal model needs beside its weights and tokenizer (image and video processors,
-# the processor's chat template): copied from the config donor, as mergekit does.
-TAGALONG_FILES = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "chat_template.json",
-)
 
 
 def shard_bytes(value: str | int) -> int:

@@ -25,15 +25,8 @@ from pathlib import Path
 
 from merge.errors import CheckpointError
 
-# What the output may take from a model folder besides its weights (``merge.api``,
-# ``merge.tokenizer``, ``merge.card.facts``).
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "chat_template.json",
+# The files of a model folder that make its tokenizer (``merge.tokenizer`` copies them).
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -44,6 +37,22 @@ COPIED_FILES = (
     "vocab.txt",
     "spiece.model",
     "chat_template.jinja",
+)
+# Files a multimodal model needs beside its weights and tokenizer (image and video processors,
+# the processor's chat template): copied from the config donor, as mergekit does.
+TAGALONG_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+)
+# What the output may take from a model folder besides its weights (``merge.api``,
+# ``merge.tokenizer``, ``merge.card.facts``).
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    *TAGALONG_FILES,
+    *TOKENIZER_FILES,
     "README.md",
 )
 

@@ -27,21 +27,8 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer
 
 from merge.errors import CheckpointError
-from merge.links import inside
+from merge.links import TOKENIZER_FILES, inside
 from merge.settings import remote_code
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "chat_template.jinja",
-)
 
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
