@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merge import __version__
+from merge.build.inputs import InputId
 from merge.build.locked import LockUse, use_lock
 from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_manifest
 from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_NAME
@@ -380,26 +381,9 @@ def run(
                     _copy_lock(p, lock, tmp, stages_text)
                     inputs = hashes.result()
                     if write_card:
-                        said = write_card_files(
-                            p,
-                            tmp,
-                            [i.as_dict() for i in inputs],
-                            tool_version=__version__,
-                            license=license,
-                        )
-                        for w in said:
-                            if warn is not None:
-                                warn(w)
+                        _write_card(p, tmp, inputs, license, warn)
                     journal.remove()
-                    manifest = make_manifest(
-                        tmp,
-                        recipe_text=p.recipe.text,
-                        seed=p.seed,
-                        inputs=inputs,
-                        lock_sha256=lock_sha256,
-                        build_key=build_key,
-                    )
-                    write_manifest(tmp, manifest)
+                    _write_manifest(p, tmp, inputs, lock_sha256, build_key)
             except KeyboardInterrupt:
                 if partial_dir(target).is_dir():
                     raise interrupted(target, len(p.jobs)) from None
@@ -407,6 +391,37 @@ def run(
             finally:
                 hashes.cancel()
     return target
+
+
+def _write_card(
+    p: Plan,
+    tmp: Path,
+    inputs: list[InputId],
+    license: str | None,
+    warn: Callable[[str], None] | None,
+) -> None:
+    """README.md and merge-card.json from the plan and the resolved inputs; their warnings."""
+    said = write_card_files(
+        p, tmp, [i.as_dict() for i in inputs], tool_version=__version__, license=license
+    )
+    if warn is not None:
+        for w in said:
+            warn(w)
+
+
+def _write_manifest(
+    p: Plan, tmp: Path, inputs: list[InputId], lock_sha256: str | None, build_key: str | None
+) -> None:
+    """merge-manifest.json, last: it lists every other file of the output."""
+    manifest = make_manifest(
+        tmp,
+        recipe_text=p.recipe.text,
+        seed=p.seed,
+        inputs=inputs,
+        lock_sha256=lock_sha256,
+        build_key=build_key,
+    )
+    write_manifest(tmp, manifest)
 
 
 def _kept(p: Plan, tmp: Path) -> dict[str, str]:
