@@ -323,7 +323,7 @@ def run(
     resolved from; default: the sha256 of the lock used) and ``build_key`` (a multi-stage
     build's key) are recorded in the output's ``merge-manifest.json``. Every output tensor
     is checked to be finite (``merge.finite``): an overflow or NaN/Inf made by the merge is an
-    error, NaN/Inf carried from an input a warning (an error with ``strict_finite``). The
+    error, NaN/Inf in an input a warning (an error with ``strict_finite``). The
     output is built in ``.OUT.partial`` beside it, with a journal of finished tensors; an
     interrupt keeps it, and ``resume`` continues from the tensors there whose bytes verify
     (``merge.resume``)."""

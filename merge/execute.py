@@ -208,6 +208,7 @@ def _stream_job(
             finite.chunk(job.name, part, cast, models, inputs)
             writer.write_part(job.name, start, cast)
         return
+    finite.inputs(job.name, inputs)  # a copy's output check sees its input whole
     stream = plan.method.stream
     assert stream is not None
     state = stream(params, job.shape, _rng(plan, job))
@@ -302,6 +303,8 @@ def run_job(
             tensors, base = _device_inputs(plan, job, mover)
         else:
             tensors, base = read_inputs(plan, job)
+        held = [*tensors, *([base] if base is not None else [])]
+        check.inputs(job.name, lambda: iter([list(zip(_models(job), held, strict=True))]))
         out = _apply(plan, job, tensors, base, job.params if params is None else params)
         cast = out.to(job.dtype)
         check.chunk(job.name, out, cast, _models(job), _input_chunks(plan, job))

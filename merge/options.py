@@ -260,7 +260,7 @@ StrictFiniteOpt = Annotated[
     bool,
     flag(
         "--strict-finite/--no-strict-finite",
-        help="NaN/Inf in an input tensor that reaches the output is an error, not a warning.",
+        help="NaN/Inf in an input tensor is an error, not a warning.",
     ),
 ]
 TrustRemoteCodeOpt = Annotated[

@@ -96,8 +96,8 @@ def test_nan_in_an_input_is_a_warning(tmp_path: Path, threads: int) -> None:
     )
     carried = [w for w in said if "NaN/Inf" in w]
     assert carried == [
-        f"tensor '{Q}': the inputs hold NaN/Inf values (3 in model '{b}'), carried into the "
-        "output (--strict-finite makes this an error)"
+        f"tensor '{Q}': the inputs hold NaN/Inf values (3 in model '{b}'); merged as they "
+        "are (--strict-finite makes this an error)"
     ]
     got = load_state(out)[Q]
     assert int((~torch.isfinite(got)).sum()) == 3
@@ -110,6 +110,29 @@ def test_nan_in_an_input_with_strict_finite_is_an_error(tmp_path: Path) -> None:
         f"error: tensor '{Q}': the inputs hold NaN/Inf values (3 in model '{b}'); nothing was "
         "written (--strict-finite); fix or leave out those models\n"
     )
+
+
+def test_inputs_are_checked_even_where_the_output_would_be_finite() -> None:
+    """NaN/Inf that a method would mask out (a trimmed or dropped value) is reported too:
+    inputs are checked before the merge, each model counted, the first report only."""
+    from merge.finite import FiniteCheck
+
+    bad = torch.ones(64, dtype=torch.bfloat16)
+    bad[[3, 9]] = float("nan")
+    bad[5] = float("-inf")
+    chunks = lambda: iter([[("a", torch.ones(32)), ("b", bad[:32])], [("b", bad[32:])]])  # noqa: E731
+    said: list[str] = []
+    check = FiniteCheck(warn=said.append)
+    check.inputs("t", chunks)
+    check.inputs("t", chunks)  # once per tensor
+    assert said == [
+        "tensor 't': the inputs hold NaN/Inf values (3 in model 'b'); merged as they are "
+        "(--strict-finite makes this an error)"
+    ]
+    with pytest.raises(ComputeError, match=r"tensor 't': the inputs hold NaN/Inf values \(3 in"):
+        FiniteCheck(strict=True).inputs("t", chunks)
+    FiniteCheck(strict=True, scan=False).inputs("t", chunks)  # not scanned: nothing to say
+    FiniteCheck(strict=True).inputs("u", lambda: iter([[("a", torch.ones(8))]]))
 
 
 def test_whole_tensor_path_checks_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
