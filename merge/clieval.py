@@ -30,7 +30,7 @@ TaskOpt = Annotated[
         "-t",
         metavar="KIND:ARG",
         help="A task (repeat for more): perplexity:FILE, choice:FILE, generate:FILE or "
-        "lm_eval:NAME (needs mergesmith[eval]).",
+        "lm_eval:NAME (needs the eval extra).",
         show_default=False,
     ),
 ]

@@ -273,3 +273,38 @@ def test_card_writes_model_index_and_keeps_the_manifest(tmp_path: Path, tiny: Pa
     printed = runner.invoke(app, ["card", str(out)]).stdout
     assert printed == (out / "README.md").read_text(encoding="utf-8")
     assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+
+
+def test_lm_eval_bridge_with_a_stand_in_harness(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge wraps the loaded model in HFLM, runs simple_evaluate and keeps lm-eval's
+    metric names without the filter suffix and without standard errors."""
+    import sys
+    import types
+
+    calls: dict[str, Any] = {}
+
+    class HFLM:
+        def __init__(self, **kwargs: Any) -> None:
+            calls["hflm"] = kwargs
+
+    def simple_evaluate(**kwargs: Any) -> dict[str, Any]:
+        calls["run"] = kwargs
+        found = {"acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.5, "alias": "x"}
+        return {"results": {"hellaswag": found}, "n-samples": {"hellaswag": {"effective": 7}}}
+
+    harness = types.ModuleType("lm_eval")
+    harness.simple_evaluate = simple_evaluate  # type: ignore[attr-defined]
+    models = types.ModuleType("lm_eval.models")
+    hf = types.ModuleType("lm_eval.models.huggingface")
+    hf.HFLM = HFLM  # type: ignore[attr-defined]
+    for name, module in [("lm_eval", harness), ("lm_eval.models", models), (hf.__name__, hf)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    model, tok = loaded
+    results = evaluate_loaded(model, tok, ["lm_eval:hellaswag"], batch_size=3, limit=7)
+    (only,) = results.results
+    assert only.name == "lm_eval:hellaswag" and only.kind == "lm_eval" and only.n == 7
+    assert only.metrics == {"acc": 0.25, "acc_norm": 0.5}
+    assert calls["hflm"]["pretrained"] is model and calls["hflm"]["batch_size"] == 3
+    assert calls["run"]["tasks"] == ["hellaswag"] and calls["run"]["limit"] == 7

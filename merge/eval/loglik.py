@@ -142,13 +142,13 @@ def continuation_sequence(tokenizer: Any, context: str, continuation: str, limit
     while common < min(len(ctx), len(whole) - 1) and ctx[common] == whole[common]:
         common += 1
     if common == 0:  # nothing before the continuation: a start token is its context
-        whole = [pad_id_for_start(tokenizer), *whole]
+        whole = [start_token(tokenizer), *whole]
         common = 1
     cut = max(0, len(whole) - (limit + 1))
     return Scored(whole[cut:], max(1, common - cut))
 
 
-def pad_id_for_start(tokenizer: Any) -> int:
+def start_token(tokenizer: Any) -> int:
     """The token put before a text with no context: BOS, else EOS (as lm-eval does)."""
     for name in ("bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)

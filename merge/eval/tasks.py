@@ -118,7 +118,7 @@ def document_windows(tokenizer: Any, text: str, width: int) -> list[loglik.Score
     """A document's non-overlapping windows of ``width`` model inputs, every token but the
     first scored once."""
     ids = loglik.encode(tokenizer, text)
-    start = loglik.pad_id_for_start(tokenizer)
+    start = loglik.start_token(tokenizer)
     if not ids or ids[0] != getattr(tokenizer, "bos_token_id", None):
         ids = [start, *ids]
     if len(ids) < 2:
