@@ -56,3 +56,8 @@ class PublishError(MergeError):
 class ComputeError(MergeError):
     """A tensor cannot be written as merged: NaN/Inf in the result, an overflow of the output
     dtype, or integer tensors that differ between models (nothing is written)."""
+
+
+class EvalError(MergeError):
+    """An evaluation cannot run: an unknown task, a missing or malformed task file, a model
+    that cannot be loaded, or the lm-evaluation-harness extra not installed."""

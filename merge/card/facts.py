@@ -22,7 +22,9 @@ inputs.
   (``*ForCausalLM`` -> ``text-generation``; a config with a ``vision_config`` ->
   ``image-text-to-text``), else left out;
 - ``tags``: ``merge``, ``mergesmith``, the method, the MoE family for an MoE and ``lora``
-  when adapters were merged.
+  when adapters were merged;
+- ``eval`` (optional, added by ``merge eval --card``, ``merge.eval.card``): scores, passed to
+  the card's ``model-index`` and its Evaluation section.
 
 What this module does not do: render the card (``merge.card.render``), write files or read
 the manifest (``merge.card.output``).
@@ -172,6 +174,8 @@ def decide(facts: Mapping[str, Any], license: str | None = None) -> tuple[Fields
             donor.get("pipeline_tag"), list(facts["architectures"]), bool(facts["vision"])
         ),
         tags=list(facts["tags"]),
+        evaluations=list((facts.get("eval") or {}).get("results", [])),
+        model_name=(facts.get("eval") or {}).get("model_name"),
     )
     return fields, [warning] if warning and not override else []
 

@@ -75,7 +75,7 @@ def render(
         seed=facts["seed"],
         dtype=facts["dtype"],
         num_params=facts["num_params"],
-        extra_sections=[(h, b) for h, b in facts["sections"]],
+        extra_sections=[(h, b) for h, b in facts["sections"]] + _evaluation(fields),
         title=facts["title"],
         inputs=inputs,
         fields=fields,
@@ -83,6 +83,15 @@ def render(
         lock_name=files[1],
     )
     return text, warnings
+
+
+def _evaluation(fields: Any) -> list[tuple[str, str]]:
+    """The Evaluation section of ``merge eval --card`` results, if any."""
+    if not fields.evaluations:
+        return []
+    from merge.eval.card import section
+
+    return [("Evaluation", section(fields.evaluations))]
 
 
 def write(

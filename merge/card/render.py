@@ -5,7 +5,8 @@ the resolved inputs (manifest form: ref, source, repo, commit) and the card fiel
 decided (``merge.card.facts``: license, language, datasets, pipeline tag, tags) to Markdown.
 The front matter is huggingface_hub's ``ModelCardData`` (``base_model``,
 ``base_model_relation: merge``, ``library_name``, ``pipeline_tag``, ``tags``, ``license``,
-``language``, ``datasets``), so it is what the Hub reads. The recipe is included verbatim and
+``language``, ``datasets``; ``model-index`` from ``merge eval --card`` results), so it is what the
+Hub reads. The recipe is included verbatim and
 the reproduction section names the lock when the output carries one.
 
 What it does not do: read files, talk to the Hub, or decide a field (every value comes in).
@@ -53,9 +54,20 @@ class Fields:
     datasets: list[str] | None = None
     pipeline_tag: str | None = None
     tags: list[str] = field(default_factory=lambda: ["merge", "mergesmith"])
+    # ``merge eval --card`` results (``merge.eval.card`` entries) and the model-index's name
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    model_name: str | None = None
 
 
 def _data(ids: list[str], fields: Fields) -> ModelCardData:
+    evaluated: dict[str, Any] = {}
+    if fields.evaluations:
+        from merge.eval.card import hub_results
+
+        evaluated = {
+            "eval_results": hub_results(fields.evaluations),
+            "model_name": fields.model_name or "merged-model",
+        }
     return ModelCardData(
         base_model=ids or None,
         base_model_relation="merge" if ids else None,
@@ -65,6 +77,7 @@ def _data(ids: list[str], fields: Fields) -> ModelCardData:
         language=fields.language,
         datasets=fields.datasets,
         tags=fields.tags,
+        **evaluated,
     )
 
 
