@@ -213,3 +213,19 @@ def test_an_untied_donor_with_a_tied_last_slice_gets_its_embedding_as_lm_head(
     out = load_state(tmp_path / "out")
     assert torch.equal(out["lm_head.weight"], load_state(qwen2_tied)["model.embed_tokens.weight"])
     loads_every_tensor(tmp_path / "out")
+
+
+def test_a_lora_input_counts_as_its_base(
+    tmp_path: Path, llama_base: Path, llama_ft1: Path, biased: Path
+) -> None:
+    from test_lora import make_adapter
+
+    adapter = make_adapter(tmp_path / "ad", llama_base, target_modules=["q_proj", "v_proj"])
+    lora = f"{llama_base}+{adapter}"
+    code, _, stderr = cli("validate", write(tmp_path, linear(lora, llama_ft1)))
+    assert code == 0 and "different" not in stderr, stderr
+    recipe = write(tmp_path, linear(lora, biased))
+    (line,) = error_lines(tmp_path, "validate", recipe)
+    assert line.startswith(
+        f"{recipe}: the models have different tensors: '{biased}' has 4 tensors '{lora}' lacks"
+    ), line
