@@ -135,6 +135,32 @@ def tied_partner(name: str, available: Iterable[str]) -> str | None:
     return None
 
 
+def head_stand_ins(
+    want: Iterable[str], have: Sequence[str], config: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """For each lm_head among ``want`` (outside the layers) that a model with tensors ``have``
+    and config ``config`` lacks because it ties its embeddings: ``(lm_head, the embedding
+    that stands in for it)``."""
+    if not ties_embeddings(config):
+        return []
+    found = []
+    for name in want:
+        if layer_of(name) is None and name.endswith(TIED_PAIRS[0][0]) and name not in have:
+            partner = tied_partner(name, have)
+            if partner is not None:
+                found.append((name, partner))
+    return found
+
+
+def untie(config: dict[str, Any]) -> None:
+    """Set ``tie_word_embeddings`` to false in ``config`` (or its ``text_config``) in place."""
+    for cfg in (config, _text_config(config)):
+        if "tie_word_embeddings" in cfg:
+            cfg["tie_word_embeddings"] = False
+            return
+    config["tie_word_embeddings"] = False
+
+
 def embedding_name(names: Iterable[str]) -> str | None:
     """The token embedding among ``names``: a known name, else the only tensor outside the
     layers named ``...embed_tokens.weight`` (e.g. ``model.language_model.embed_tokens.weight``

@@ -252,7 +252,8 @@ AllowCrimesOpt = Annotated[
     bool,
     flag(
         "--allow-crimes/--no-allow-crimes",
-        help="Merge models of different architectures anyway.",
+        help="Merge models of different architectures (config names or tensor sets) anyway, "
+        "as the recipe's allow_mismatched_architectures: true does.",
         panel=MERGEKIT_PANEL,
     ),
 ]

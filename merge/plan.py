@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from merge import architecture as arch
 from merge import modules as mods
-from merge.crimes import check_architectures
+from merge.crimes import check_architectures, escape
 from merge.errors import PlanError
 from merge.jobs import DEFAULT_SEED, DTYPES, ModulePlan, Plan, TensorJob, stored_dtype
 from merge.memory import peak_memory
@@ -165,17 +165,19 @@ def make_plan(
     allow_crimes: bool = False,
 ) -> Plan:
     """Build and check the whole plan; raise PlanError listing every problem (models of
-    different architectures among them, unless ``allow_crimes``: then a warning)."""
-    ctx = Ctx(recipe, models, tokenizer_setting=has_setting(recipe))
-    crimes = check_architectures(recipe, models, allow_crimes, ctx.problems)
-    ctx.problems.extend(_config_problems(recipe, models))
+    different architectures first, unless ``allow_crimes`` or the recipe's
+    ``allow_mismatched_architectures``: then a warning)."""
     donor = _config_donor(recipe)
+    ctx = Ctx(recipe, models, tokenizer_setting=has_setting(recipe), donor=donor)
+    ctx.problems.extend(_config_problems(recipe, models))
     tok_donor = _tokenizer_donor(recipe, donor)
     implicit = not ctx.tokenizer_setting and sizes_differ(models)
     if ctx.tokenizer_setting or implicit:  # implicit: as tokenizer_source: base (merge.vocab)
         ctx.tokenizer_setting = True
         ctx.vocab = build_vocab(recipe, models, tok_donor, ctx.problems, implicit=implicit)
     jobs, layer_maps, modules = _jobs(ctx, donor)
+    allowed = escape(recipe, allow_crimes)
+    crimes = check_architectures(recipe, models, allowed, ctx.problems, ctx.missing)
     if ctx.problems:
         problems = list(dict.fromkeys(ctx.problems))
         if len(problems) > MAX_LISTED:
@@ -194,6 +196,7 @@ def make_plan(
         vocab_size,
         layer_maps.get(mods.VISION),
     )
+    untied = _untied_head(models, jobs, config)
     chosen = seed if seed is not None else recipe.seed if recipe.seed is not None else DEFAULT_SEED
     return Plan(
         recipe,
@@ -209,6 +212,7 @@ def make_plan(
         peak_memory(jobs, models, recipe.method),
         [
             *crimes,
+            *untied,
             *recipe.warnings,
             *(ctx.vocab.warnings if ctx.vocab else ()),
             *_unused_tensors(recipe, models, jobs, donor),
@@ -216,6 +220,24 @@ def make_plan(
         ctx.vocab,
         modules=modules if len(modules) > 1 or recipe.modules is not None else [],
     )
+
+
+def _untied_head(models: dict[str, Model], jobs: list[TensorJob], config: dict) -> list[str]:
+    """When the config ties embeddings but the output's lm_head is made from an untied
+    model's own lm_head (a frankenmerge's last slice), untie ``config`` so the head is used,
+    and say so."""
+    if not arch.ties_embeddings(config):
+        return []
+    for job in jobs:
+        for inp in (*job.inputs, *([job.base] if job.base else [])):
+            head = arch.layer_of(inp.name) is None and inp.name.endswith("lm_head.weight")
+            if head and not arch.ties_embeddings(models[inp.model].checkpoint.config):
+                arch.untie(config)
+                return [
+                    f"'{job.name}' comes from model '{inp.model}', whose embeddings are not "
+                    "tied: the output config says tie_word_embeddings: false"
+                ]
+    return []
 
 
 def _unused_tensors(

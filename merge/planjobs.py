@@ -37,6 +37,8 @@ class Ctx:
     problems: list[str] = field(default_factory=list)
     vocab: VocabPlan | None = None
     tokenizer_setting: bool = False
+    donor: str = ""  # the config donor (``merge.plan``): the output's config is its config
+    missing: set[str] = field(default_factory=set)  # tensor names some model lacks (reported)
     _modules: dict[str, dict[str, mods.Module]] = field(default_factory=dict)
 
     def has(self, ref: str, name: str) -> str | None:
@@ -158,6 +160,7 @@ def _job(
                 f"model '{src.model}' has no tensor '{name}' (needed for "
                 f"output tensor '{out_name}')"
             )
+            ctx.missing.add(name)
             continue
         other_info = ctx.models[src.model].checkpoint.tensors[found]
         if not other_info.dtype.is_floating_point:
@@ -207,6 +210,7 @@ def _integer_job(
                 f"model '{src.model}' has no tensor '{name}' (needed for "
                 f"output tensor '{out_name}')"
             )
+            ctx.missing.add(name)
             ok = False
             continue
         other = ctx.models[src.model].checkpoint.tensors[found]
@@ -352,16 +356,21 @@ class _Slices:
                     jobs.append(job)
 
     def edges(self, sl: SliceSpec, pre: bool) -> list[TensorJob]:
-        """Embeddings from the first slice (pre) or norm and lm_head from the last (post)."""
+        """Embeddings from the first slice (pre) or norm and lm_head from the last (post).
+        When the last slice's model ties its embeddings (no lm_head) and the output's config
+        does not, its embedding is the output's lm_head."""
         inputs, base, ref = self.split(sl)
-        jobs = []
-        for name in self.ctx.module(ref.model, self.module).tensors:
-            if arch.layer_of(name) is not None or arch.is_pre(name) != pre:
-                continue
+        ctx, jobs = self.ctx, []
+        names = ctx.module(ref.model, self.module).tensors
+        pairs = [(n, n) for n in names if arch.layer_of(n) is None and arch.is_pre(n) == pre]
+        if not pre:  # a tied model's embedding stands in for the lm_head the output needs
+            want = ctx.module(ctx.donor, self.module).tensors if ctx.donor in ctx.models else ()
+            pairs += arch.head_stand_ins(want, names, ctx.models[ref.model].checkpoint.config)
+        for name, ref_name in pairs:
             job = _job(
-                self.ctx,
+                ctx,
                 name,
-                Input(ref.model, name),
+                Input(ref.model, ref_name),
                 [(s, name) for s in inputs],
                 (base, name) if base else None,
                 self.outer(sl),

@@ -264,8 +264,8 @@ def test_mixed_architectures_need_allow_crimes(
     recipe = write(tmp_path, linear(llama_base, llama_ft1, mistral))
     want = (
         f"{recipe}: the models have different architectures: '{llama_base}' and '{llama_ft1}' "
-        f"are LlamaForCausalLM; '{mistral}' is MistralForCausalLM; pass --allow-crimes to merge "
-        "them anyway"
+        f"are LlamaForCausalLM; '{mistral}' is MistralForCausalLM; set "
+        "allow_mismatched_architectures: true or pass --allow-crimes to merge them anyway"
     )
     assert error_lines(tmp_path, "run", recipe, tmp_path / "out") == [want]
     assert error_lines(tmp_path, "validate", recipe) == [want]

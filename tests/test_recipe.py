@@ -55,7 +55,7 @@ def test_unknown_key_has_line_and_suggestion() -> None:
     ) == [
         "r.yaml:2: modles: unknown key; did you mean 'models'? (allowed: merge_method, models, "
         "slices, modules, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
-        "chat_template, seed)"
+        "chat_template, seed, allow_mismatched_architectures)"
     ]
 
 

@@ -117,6 +117,10 @@ class Recipe:
     def chat_template(self) -> str | None:
         return self.schema.chat_template
 
+    @property
+    def allow_mismatched_architectures(self) -> bool:
+        return bool(self.schema.allow_mismatched_architectures)
+
     def ref_paths(self) -> dict[str, PathKey]:
         """Every model named in the recipe, base first, each once, in recipe order, with the
         recipe path where it is first written."""

@@ -131,7 +131,8 @@ class ModuleEntry(Strict):
 
 
 class RecipeSchema(Strict):
-    """A whole merge recipe (mergekit's ``MergeConfiguration`` syntax plus ``seed``)."""
+    """A whole merge recipe (mergekit's ``MergeConfiguration`` syntax plus ``seed`` and
+    ``allow_mismatched_architectures``)."""
 
     merge_method: StrictStr
     models: list[ModelEntry] | None = Field(default=None, min_length=1)
@@ -145,6 +146,8 @@ class RecipeSchema(Strict):
     tokenizer: TokenizerConfig | None = None
     chat_template: StrictStr | None = None
     seed: StrictInt | None = Field(default=None, ge=0)
+    # Merge models of different architectures (``merge.crimes``), as ``--allow-crimes`` does.
+    allow_mismatched_architectures: StrictBool = False
 
     @field_validator("dtype", "out_dtype")
     @classmethod
