@@ -58,6 +58,7 @@ from merge.memory import (
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
+from merge.sink import TensorSink
 from merge.vocab import align
 from merge.writer import ShardWriter, parse_size
 
@@ -194,7 +195,7 @@ def _agree(job: TensorJob, tensor: torch.Tensor, others: list[torch.Tensor]) -> 
 
 
 def _stream_job(
-    plan: Plan, job: TensorJob, params: dict[str, Any], writer: ShardWriter, finite: FiniteCheck
+    plan: Plan, job: TensorJob, params: dict[str, Any], writer: TensorSink, finite: FiniteCheck
 ) -> None:
     """Run a streamed job: chunks from the memory maps, each output chunk to its shard."""
     models, inputs = _models(job), _input_chunks(plan, job)
@@ -406,11 +407,48 @@ def execute(
     output chunk (``merge.finite``; default: warnings dropped, not strict). ``journal``
     records each finished tensor; ``resume`` (an interrupted run's journaled tensors) skips
     those whose bytes in ``directory`` still hash as recorded (``merge.resume``)."""
-    res = resources or Resources.resolve()
-    check = finite or FiniteCheck()
-    keep_freed_memory()
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
+    res = resources or Resources.resolve()
     show = progress and sys.stderr.isatty()
+    keep_freed_memory()
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res)
+        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
+        with writer:
+            _run_into(plan, writer, trimmed, show, computed, res, finite)
+
+
+def execute_into(
+    plan: Plan,
+    sink: TensorSink,
+    *,
+    progress: bool = True,
+    computed: Mapping[str, torch.Tensor] | None = None,
+    resources: Resources | None = None,
+    finite: FiniteCheck | None = None,
+) -> None:
+    """``execute`` with every output tensor handed to ``sink`` instead of shards: the same
+    jobs, parameters, seeds and casts, so the sink receives the bytes ``execute`` writes.
+    The caller opens and closes (checks) the sink."""
+    res = resources or Resources.resolve()
+    show = progress and sys.stderr.isatty()
+    keep_freed_memory()
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res)
+        _run_into(plan, sink, trimmed, show, computed, res, finite)
+
+
+def _run_into(
+    plan: Plan,
+    sink: TensorSink,
+    trimmed: dict[str, dict[str, Any]],
+    show: bool,
+    computed: Mapping[str, torch.Tensor] | None,
+    res: Resources,
+    finite: FiniteCheck | None,
+) -> None:
+    """Run every job not in ``sink.done`` on the worker pool, each output into ``sink``."""
+    check = finite or FiniteCheck()
     mover = Mover(res.device) if res.device is not None else None
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
     bar = tqdm(
@@ -422,24 +460,20 @@ def execute(
         file=sys.stderr,
     )
     lock = threading.Lock()
+    with bar:
+        bar.update(sink.written_bytes)
 
-    with single_intra_op():
-        trimmed = _trim_params(plan, show, res)
-        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
-        with writer, bar:
-            bar.update(writer.written_bytes)
+        def work(i: int) -> None:
+            job = plan.jobs[i]
+            params = trimmed.get(job.name, job.params)
+            if mover is None and streamed(job, plan.models, plan.method):
+                _stream_job(plan, job, params, sink, check)
+            else:
+                out = run_job(plan, job, params, computed, mover=mover, finite=check)
+                sink.write(job.name, out)
+            sink.finish(job.name)
+            with lock:
+                bar.update(job.numel * job.dtype.itemsize)
 
-            def work(i: int) -> None:
-                job = plan.jobs[i]
-                params = trimmed.get(job.name, job.params)
-                if mover is None and streamed(job, plan.models, plan.method):
-                    _stream_job(plan, job, params, writer, check)
-                else:
-                    out = run_job(plan, job, params, computed, mover=mover, finite=check)
-                    writer.write(job.name, out)
-                writer.finish(job.name)
-                with lock:
-                    bar.update(job.numel * job.dtype.itemsize)
-
-            order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in writer.done]
-            run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
+        order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in sink.done]
+        run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
