@@ -27,6 +27,10 @@ MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (se
 output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
 ready-made in ``computed`` (name -> float32 tensor) and only casts.
 
+``execute`` writes the outputs as shards (``merge.writer.ShardWriter``); ``execute_into``
+hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
+``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
+
 What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
 MoE noise and the global-trim statistics passes on the GPU.
 """
@@ -37,30 +41,27 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-from merge.errors import CheckpointError, ComputeError, MergeError
+from merge.errors import CheckpointError, ComputeError
 from merge.finite import FiniteCheck, InputChunks
 from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
-    DEFAULT_FRACTION,
-    available_memory,
-    default_threads,
     job_order,
     job_peak_bytes,
     streamed,
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
+from merge.resources import Resources
 from merge.sink import TensorSink
 from merge.vocab import align
-from merge.writer import ShardWriter, parse_size
+from merge.writer import ShardWriter
 
 if TYPE_CHECKING:
     from merge.resume import Journal
@@ -345,49 +346,6 @@ def _trim_params(plan: Plan, show: bool, res: Resources) -> dict[str, dict[str, 
         for bar in bars:
             bar.close()
     return {j.name: p for j, p in zip(jobs, trim.allot(jobs, counts), strict=True)}
-
-
-@dataclass(frozen=True)
-class Resources:
-    """How a run may use the machine: worker ``threads``, the memory ``budget`` in bytes
-    (estimated tensor data in flight) and the ``device`` of the method math (``None``: the
-    CPU, with no transfers; ``torch.device("cpu")`` takes the transfer path, for tests)."""
-
-    threads: int
-    budget: int
-    device: torch.device | None = None
-
-    @classmethod
-    def resolve(
-        cls, threads: int | None = None, max_memory: str | int | None = None, device: str = "cpu"
-    ) -> Resources:
-        """From the CLI options; defaults: every available core, half the available RAM."""
-        if threads is not None and threads < 1:
-            raise MergeError(f"--threads must be at least 1, got {threads}")
-        if max_memory is None:
-            budget = int(DEFAULT_FRACTION * available_memory())
-        else:
-            try:
-                budget = parse_size(max_memory, "--max-memory")
-            except ValueError as e:
-                raise MergeError(str(e)) from None
-        return cls(threads or default_threads(), budget, _device(device))
-
-
-def _device(name: str) -> torch.device | None:
-    if name == "cpu":
-        return None
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type != "cuda":
-        raise MergeError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
-    if not torch.cuda.is_available():
-        raise MergeError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise MergeError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
 
 
 def execute(

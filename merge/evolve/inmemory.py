@@ -31,12 +31,13 @@ import yaml
 
 from merge.errors import PlanError, RecipeError
 from merge.evolve.target import ParamSink, build_model, check_target
-from merge.execute import Resources, execute_into
+from merge.execute import execute_into
 from merge.finite import FiniteCheck
 from merge.jobs import Plan
 from merge.moe.recipe import MoeRecipe
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe, parse_recipe
+from merge.resources import Resources
 from merge.settings import applied, device_name
 from merge.sourceset import Model, close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
@@ -139,7 +140,8 @@ class InMemoryMerger:
             with tempfile.TemporaryDirectory(prefix="merge-tokenizer-") as tmp:
                 donor = p.models[p.tokenizer_donor].directory
                 write_tokenizer(donor, Path(tmp), template, built, added)
-                self._tokenizer = AutoTokenizer.from_pretrained(tmp)
+                remote = bool(self._settings["trust_remote_code"])
+                self._tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=remote)
         return self._tokenizer
 
     def plan(self, recipe: RecipeLike) -> Plan:
