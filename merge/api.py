@@ -38,7 +38,7 @@ from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_
 from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_NAME
 from merge.card.output import write as write_card_files
 from merge.errors import OutputError
-from merge.execute import Resources, execute
+from merge.execute import execute
 from merge.finite import FiniteCheck
 from merge.hub import check_download_space
 from merge.jobs import Plan
@@ -48,6 +48,7 @@ from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
+from merge.resources import Resources
 from merge.resume import (
     Journal,
     clear_for_resume,

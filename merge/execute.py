@@ -27,6 +27,10 @@ MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (se
 output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
 ready-made in ``computed`` (name -> float32 tensor) and only casts.
 
+``execute`` writes the outputs as shards (``merge.writer.ShardWriter``); ``execute_into``
+hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
+``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
+
 What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
 MoE noise and the global-trim statistics passes on the GPU.
 """
@@ -37,29 +41,27 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-from merge.errors import CheckpointError, ComputeError, MergeError
+from merge.errors import CheckpointError, ComputeError
 from merge.finite import FiniteCheck, InputChunks
 from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
-    DEFAULT_FRACTION,
-    available_memory,
-    default_threads,
     job_order,
     job_peak_bytes,
     streamed,
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
+from merge.resources import Resources
+from merge.sink import TensorSink
 from merge.vocab import align
-from merge.writer import ShardWriter, parse_size
+from merge.writer import ShardWriter
 
 if TYPE_CHECKING:
     from merge.resume import Journal
@@ -194,7 +196,7 @@ def _agree(job: TensorJob, tensor: torch.Tensor, others: list[torch.Tensor]) -> 
 
 
 def _stream_job(
-    plan: Plan, job: TensorJob, params: dict[str, Any], writer: ShardWriter, finite: FiniteCheck
+    plan: Plan, job: TensorJob, params: dict[str, Any], writer: TensorSink, finite: FiniteCheck
 ) -> None:
     """Run a streamed job: chunks from the memory maps, each output chunk to its shard."""
     models, inputs = _models(job), _input_chunks(plan, job)
@@ -349,49 +351,6 @@ def _trim_params(plan: Plan, show: bool, res: Resources) -> dict[str, dict[str, 
     return {j.name: p for j, p in zip(jobs, trim.allot(jobs, counts), strict=True)}
 
 
-@dataclass(frozen=True)
-class Resources:
-    """How a run may use the machine: worker ``threads``, the memory ``budget`` in bytes
-    (estimated tensor data in flight) and the ``device`` of the method math (``None``: the
-    CPU, with no transfers; ``torch.device("cpu")`` takes the transfer path, for tests)."""
-
-    threads: int
-    budget: int
-    device: torch.device | None = None
-
-    @classmethod
-    def resolve(
-        cls, threads: int | None = None, max_memory: str | int | None = None, device: str = "cpu"
-    ) -> Resources:
-        """From the CLI options; defaults: every available core, half the available RAM."""
-        if threads is not None and threads < 1:
-            raise MergeError(f"--threads must be at least 1, got {threads}")
-        if max_memory is None:
-            budget = int(DEFAULT_FRACTION * available_memory())
-        else:
-            try:
-                budget = parse_size(max_memory, "--max-memory")
-            except ValueError as e:
-                raise MergeError(str(e)) from None
-        return cls(threads or default_threads(), budget, _device(device))
-
-
-def _device(name: str) -> torch.device | None:
-    if name == "cpu":
-        return None
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type != "cuda":
-        raise MergeError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
-    if not torch.cuda.is_available():
-        raise MergeError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise MergeError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
-
-
 def execute(
     plan: Plan,
     directory: Path,
@@ -409,11 +368,48 @@ def execute(
     output chunk (``merge.finite``; default: warnings dropped, not strict). ``journal``
     records each finished tensor; ``resume`` (an interrupted run's journaled tensors) skips
     those whose bytes in ``directory`` still hash as recorded (``merge.resume``)."""
-    res = resources or Resources.resolve()
-    check = finite or FiniteCheck()
-    keep_freed_memory()
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
+    res = resources or Resources.resolve()
     show = progress and sys.stderr.isatty()
+    keep_freed_memory()
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res)
+        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
+        with writer:
+            _run_into(plan, writer, trimmed, show, computed, res, finite)
+
+
+def execute_into(
+    plan: Plan,
+    sink: TensorSink,
+    *,
+    progress: bool = True,
+    computed: Mapping[str, torch.Tensor] | None = None,
+    resources: Resources | None = None,
+    finite: FiniteCheck | None = None,
+) -> None:
+    """``execute`` with every output tensor handed to ``sink`` instead of shards: the same
+    jobs, parameters, seeds and casts, so the sink receives the bytes ``execute`` writes.
+    The caller opens and closes (checks) the sink."""
+    res = resources or Resources.resolve()
+    show = progress and sys.stderr.isatty()
+    keep_freed_memory()
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res)
+        _run_into(plan, sink, trimmed, show, computed, res, finite)
+
+
+def _run_into(
+    plan: Plan,
+    sink: TensorSink,
+    trimmed: dict[str, dict[str, Any]],
+    show: bool,
+    computed: Mapping[str, torch.Tensor] | None,
+    res: Resources,
+    finite: FiniteCheck | None,
+) -> None:
+    """Run every job not in ``sink.done`` on the worker pool, each output into ``sink``."""
+    check = finite or FiniteCheck()
     mover = Mover(res.device) if res.device is not None else None
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
     bar = tqdm(
@@ -425,24 +421,20 @@ def execute(
         file=sys.stderr,
     )
     lock = threading.Lock()
+    with bar:
+        bar.update(sink.written_bytes)
 
-    with single_intra_op():
-        trimmed = _trim_params(plan, show, res)
-        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
-        with writer, bar:
-            bar.update(writer.written_bytes)
+        def work(i: int) -> None:
+            job = plan.jobs[i]
+            params = trimmed.get(job.name, job.params)
+            if mover is None and streamed(job, plan.models, plan.method):
+                _stream_job(plan, job, params, sink, check)
+            else:
+                out = run_job(plan, job, params, computed, mover=mover, finite=check)
+                sink.write(job.name, out)
+            sink.finish(job.name)
+            with lock:
+                bar.update(job.numel * job.dtype.itemsize)
 
-            def work(i: int) -> None:
-                job = plan.jobs[i]
-                params = trimmed.get(job.name, job.params)
-                if mover is None and streamed(job, plan.models, plan.method):
-                    _stream_job(plan, job, params, writer, check)
-                else:
-                    out = run_job(plan, job, params, computed, mover=mover, finite=check)
-                    writer.write(job.name, out)
-                writer.finish(job.name)
-                with lock:
-                    bar.update(job.numel * job.dtype.itemsize)
-
-            order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in writer.done]
-            run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
+        order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in sink.done]
+        run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
