@@ -24,6 +24,8 @@ What it does not do, honestly:
   tensor is handed out, but a truncation after that check and before the bytes are touched is
   still a SIGBUS (a crash; the journal then makes ``--resume`` refuse the changed input).
   ``Checkpoint.view`` (a zero-copy map, which the executor no longer uses) has the same race.
+  ``faulthandler`` is not enabled for it: it would only print a Python traceback before the
+  same death, not turn the SIGBUS into an error.
 - A change that keeps size, mtime and inode (a write that resets the mtime) is not seen; the
   manifest's sha256 of the inputs (``merge.build.manifest``) is the check of content.
 - Tokenizer, generation-config and other small files are read once when written into the
