@@ -132,6 +132,21 @@ def test_an_input_changed_during_the_run_stops_it(
     assert not out.exists() and not partial_dir(out).exists()
 
 
+def test_a_bin_input_changed_during_the_run_stops_it(tmp_path: Path) -> None:
+    """``.bin`` inputs stay memory-mapped, but each tensor handed out is checked first."""
+    base = make_tiny(tmp_path / "base", hidden=64, layers=2, fmt="bin")
+    ft = make_tiny(tmp_path / "ft", hidden=64, layers=2, noise_from=base, fmt="bin")
+    text = {"merge_method": "linear", "models": [{"model": str(d)} for d in (base, ft)]}
+    text["parameters"] = {"weight": 0.5}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    weights = ft / "pytorch_model.bin"
+    out = tmp_path / "out"
+    line = one_error(merge(path, out, "--threads", "1", "-q", action=f"2:touch:{weights}"))
+    assert str(weights) in line and "it was modified" in line
+    assert not out.exists() and not partial_dir(out).exists()
+
+
 def test_an_input_changed_before_commit_stops_it(recipe: tuple[Path, Path], tmp_path: Path) -> None:
     path, weights = recipe
     out = tmp_path / "out"
