@@ -9,11 +9,11 @@ passes (``merge.globaltrim``) that find each model's exact magnitude threshold; 
 parameters then carry the thresholds.
 
 Most jobs are streamed (``merge.memory.streamed``): copies and methods with a chunked form
-(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk from zero-copy
-memory maps and write each cast output chunk straight to its place in the shard, so a job
-holds a few chunk-sized buffers whatever the tensor's size. Other jobs (vocabulary alignment,
-LoRA-updated inputs, methods without a chunked form, MoE noise) read whole tensors and call
-``Method.fn``.
+(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
+cast output chunk straight to its place in the shard, so a job holds a few chunk-sized buffers
+whatever the tensor's size. Chunks are read with ``preadv`` (``Checkpoint.read_range``), not
+from memory maps: see ``merge.inputstate``. Other jobs (vocabulary alignment, LoRA-updated
+inputs, methods without a chunked form, MoE noise) read whole tensors and call ``Method.fn``.
 
 Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
 within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
@@ -108,21 +108,33 @@ def read_inputs(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.T
     return tensors, base
 
 
-def _view(plan: Plan, model: str, name: str) -> torch.Tensor:
-    """A flat zero-copy view of one tensor (stored dtype)."""
-    try:
-        tensor = plan.models[model].checkpoint.view(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a file that cannot be mapped
-        raise CheckpointError(f"model '{model}': cannot read tensor '{name}': {e}") from None
-    if tensor is None:  # pragma: no cover - merge.memory.streamed checked can_view
-        raise RuntimeError(f"'{name}' of model '{model}' cannot be mapped")
-    return tensor.reshape(-1)
+class Flat:
+    """One input tensor, flattened, read by slices (``flat[start:stop]``: a fresh tensor in
+    the stored dtype, from ``TensorSource.read_range``)."""
+
+    def __init__(self, plan: Plan, model: str, name: str) -> None:
+        self.source = plan.models[model].checkpoint
+        self.model, self.name = model, name
+        self.dtype = self.source.tensors[name].dtype
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        try:
+            return self.source.read_range(self.name, span.start, span.stop)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a corrupt file that passed header checks
+            raise CheckpointError(
+                f"model '{self.model}': cannot read tensor '{self.name}': {e}"
+            ) from None
 
 
-def _views(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Flat zero-copy views of a streamed job's inputs and base (stored dtype)."""
+def _view(plan: Plan, model: str, name: str) -> Flat:
+    """One tensor of a streamed job, read by slices (stored dtype)."""
+    return Flat(plan, model, name)
+
+
+def _views(plan: Plan, job: TensorJob) -> tuple[list[Flat], Flat | None]:
+    """A streamed job's inputs and base, read by slices (stored dtype)."""
     xs = [_view(plan, i.model, i.name) for i in job.inputs]
     return xs, _view(plan, job.base.model, job.base.name) if job.base else None
 
@@ -163,8 +175,8 @@ def _models(job: TensorJob) -> list[str]:
 
 
 def _input_chunks(plan: Plan, job: TensorJob) -> InputChunks:
-    """A job's inputs and base as (model, values), chunk by chunk from the memory maps where
-    they can be mapped, else whole (only read when an output chunk is not finite)."""
+    """A job's inputs and base as (model, values), chunk by chunk (``Flat``) where
+    they can be read by ranges, else whole (only read when an output chunk is not finite)."""
     reads = [*job.inputs, *([job.base] if job.base else [])]
 
     def chunks() -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -198,7 +210,7 @@ def _agree(job: TensorJob, tensor: torch.Tensor, others: list[torch.Tensor]) -> 
 def _stream_job(
     plan: Plan, job: TensorJob, params: dict[str, Any], writer: TensorSink, finite: FiniteCheck
 ) -> None:
-    """Run a streamed job: chunks from the memory maps, each output chunk to its shard."""
+    """Run a streamed job: chunks read from the files, each output chunk to its shard."""
     models, inputs = _models(job), _input_chunks(plan, job)
     if job.copy:
         (view,), _ = _views(plan, job)

@@ -129,6 +129,9 @@ class PlannedOutput(Checkpoint):
     def view(self, name: str) -> Any:
         return self.read(name)
 
+    def read_range(self, name: str, start: int, stop: int) -> Any:
+        return self.read(name)
+
 
 def stages_lock(stages: Stages, settings: Settings) -> LockUse | None:
     """The lock of a multi-stage file, over every stage (stage names are not locked)."""
