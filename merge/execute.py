@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from merge.errors import CheckpointError, ComputeError
-from merge.finite import FiniteCheck, InputChunks
+from merge.finite import FiniteCheck, InputChunks, InputTally
 from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
@@ -139,16 +139,24 @@ def _views(plan: Plan, job: TensorJob) -> tuple[list[Flat], Flat | None]:
     return xs, _view(plan, job.base.model, job.base.name) if job.base else None
 
 
-def _chunk_reader(plan: Plan, job: TensorJob, stored: bool = False) -> Callable[[int, int], Any]:
+def _chunk_reader(
+    plan: Plan, job: TensorJob, stored: bool = False, tally: InputTally | None = None
+) -> Callable[[int, int], Any]:
     """``read(start, stop)``: chunks of a streamed job's inputs and base, as float32 (with
-    ``stored``: floating inputs as stored, for streams that only subtract the float32 base)."""
+    ``stored``: floating inputs as stored, for streams that only subtract the float32 base);
+    a ``tally`` sees each chunk as stored (``merge.finite``)."""
     xs, base = _views(plan, job)
     f32 = torch.float32
     keep = [stored and x.dtype.is_floating_point for x in xs]
+    models = _models(job)
 
     def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        chunk_base = None if base is None else base[start:stop].to(f32)
+        raw_base = None if base is None else base[start:stop]
         parts = [x[start:stop] for x in xs]
+        if tally is not None:
+            held = [*parts, *([raw_base] if raw_base is not None else [])]
+            tally(start, list(zip(models, held, strict=True)))
+        chunk_base = None if raw_base is None else raw_base.to(f32)
         return [p if k else p.to(f32) for p, k in zip(parts, keep, strict=True)], chunk_base
 
     return read
@@ -222,7 +230,7 @@ def _stream_job(
             finite.chunk(job.name, part, cast, models, inputs)
             writer.write_part(job.name, start, cast)
         return
-    finite.inputs(job.name, inputs)  # a copy's output check sees its input whole
+    tally = finite.tally(job.name, inputs)  # a copy's output check sees its input whole
     stream = plan.method.stream
     assert stream is not None
     state = stream(params, job.shape, _rng(plan, job))
@@ -232,7 +240,9 @@ def _stream_job(
         finite.chunk(job.name, chunk, cast, models, inputs)
         writer.write_part(job.name, start, cast)
 
-    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs), emit)
+    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs, tally), emit)
+    if tally is not None:
+        tally.done()
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
