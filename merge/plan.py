@@ -16,6 +16,8 @@ donor, with the layer counts of the modules built from slices and the output voc
 
 from __future__ import annotations
 
+import re
+
 from merge import architecture as arch
 from merge import modules as mods
 from merge.crimes import check_architectures
@@ -156,6 +158,39 @@ def _config_problems(recipe: Recipe, models: dict[str, Model]) -> list[str]:
     return problems
 
 
+_TENSOR_PROBLEM = re.compile(r"tensor '([^']*)': (.*)", re.DOTALL)
+
+
+def collapse_by_tensor(problems: list[str]) -> list[str]:
+    """One line per distinct problem: ``tensor 'A': p`` for many tensors with the same ``p``
+    (a recipe-wide cause, such as a weight or a density) becomes
+    ``tensor 'A' and 38 other tensors: p``, where the first of them stood."""
+    groups: dict[str, list[str]] = {}
+    order: list[str | None] = []
+    lines: list[str] = []
+    for problem in problems:
+        match = _TENSOR_PROBLEM.fullmatch(problem)
+        if match is None:
+            order.append(None)
+            lines.append(problem)
+            continue
+        name, rest = match.groups()
+        if rest not in groups:
+            groups[rest] = []
+            order.append(rest)
+        groups[rest].append(name)
+    out, plain = [], iter(lines)
+    for rest in order:
+        if rest is None:
+            out.append(next(plain))
+            continue
+        names = groups[rest]
+        more = len(names) - 1
+        others = f" and {more} other tensor{'s' if more > 1 else ''}" if more else ""
+        out.append(f"tensor '{names[0]}'{others}: {rest}")
+    return out
+
+
 def make_plan(
     recipe: Recipe,
     models: dict[str, Model],
@@ -177,7 +212,7 @@ def make_plan(
         ctx.vocab = build_vocab(recipe, models, tok_donor, ctx.problems, implicit=implicit)
     jobs, layer_maps, modules = _jobs(ctx, donor)
     if ctx.problems:
-        problems = list(dict.fromkeys(ctx.problems))
+        problems = collapse_by_tensor(list(dict.fromkeys(ctx.problems)))
         if len(problems) > MAX_LISTED:
             problems = problems[:MAX_LISTED] + [f"... and {len(problems) - MAX_LISTED} more"]
         raise PlanError(problems)
