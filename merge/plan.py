@@ -205,6 +205,11 @@ def make_plan(
     crimes = check_architectures(recipe, models, allow_crimes, ctx.problems)
     ctx.problems.extend(_config_problems(recipe, models))
     donor = _config_donor(recipe)
+    if not models[donor].checkpoint.config:
+        ctx.problems.append(
+            f"{recipe.file}: model '{donor}' has no config.json (or an empty one), and the "
+            "output's config.json is made from it; add the model's config.json"
+        )
     tok_donor = _tokenizer_donor(recipe, donor)
     implicit = not ctx.tokenizer_setting and sizes_differ(models)
     if ctx.tokenizer_setting or implicit:  # implicit: as tokenizer_source: base (merge.vocab)

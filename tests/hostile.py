@@ -2,8 +2,8 @@
 
 A recipe case is a YAML file whose leading comment lines say what must happen
 (``# expect-exit:``, ``# expect-error:``, ``# expect-warning:``, ``# command:``, ``# args:``,
-``# cwd:``, ``# out:``); a checkpoint case is a YAML spec naming a good tiny checkpoint, the mutations
-that corrupt a copy of it, and the same expectations. ``tests/data/hostile/README.md``
+``# cwd:``, ``# out:``); a checkpoint case is a YAML spec naming a good tiny checkpoint, the
+mutations that corrupt a copy of it, and the same expectations. ``tests/data/hostile/README.md``
 describes both formats. Placeholders (``@base``, ``@ckpt``, ``@tmp``, ``@repeat(c,n)``...)
 are replaced at test time, so big or path-dependent inputs are never committed.
 
@@ -43,6 +43,7 @@ class Case:
     cwd: str | None = None
     out: str = "@out"
     xfail: str | None = None
+    must_not_exist: list[str] = field(default_factory=list)
 
 
 def read_recipe_case(path: Path) -> tuple[Case, str]:
@@ -86,6 +87,7 @@ def read_checkpoint_case(path: Path) -> tuple[Case, dict[str, Any]]:
     case.warnings = list(spec.get("expect-warnings", []))
     case.args = [str(a) for a in spec.get("args", [])]
     case.xfail = spec.get("xfail")
+    case.must_not_exist = list(spec.get("must-not-exist", []))
     return case, spec
 
 
@@ -115,7 +117,9 @@ def _split(raw: bytes) -> tuple[int, dict[str, Any], bytes]:
 
 
 def _tensor_name(header: dict[str, Any], which: str) -> str:
-    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    names = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )
     if which.startswith("@"):
         return names[{"@first": 0, "@second": 1, "@last": -1}[which]]
     return which
@@ -140,9 +144,33 @@ def _header_raw(model: Path, arg: dict[str, Any], tmp: Path) -> None:
     """Replace the header text (keeping the data), or the length prefix, or both."""
     file = model / arg.get("file", "model.safetensors")
     n, _, data = _split(file.read_bytes())
-    text = substitute(arg["text"], {}).encode() if "text" in arg else file.read_bytes()[8 : 8 + n]
+    if "hex" in arg:
+        text = bytes.fromhex(arg["hex"])
+    elif "text" in arg:
+        text = substitute(arg["text"], {}).encode()
+    else:
+        text = file.read_bytes()[8 : 8 + n]
     length = arg.get("length", len(text))
     file.write_bytes(struct.pack("<Q", length) + text + data)
+
+
+def _header_copy(model: Path, arg: dict[str, Any], tmp: Path) -> None:
+    """Give tensor ``to`` the ``fields`` of tensor ``from`` (two tensors on the same bytes)."""
+    file = model / "model.safetensors"
+    _, header, data = _split(file.read_bytes())
+    src, dst = _tensor_name(header, arg["from"]), _tensor_name(header, arg["to"])
+    for name in arg["fields"]:
+        header[dst][name] = header[src][name]
+    _write_st(file, json.dumps(header).encode(), data)
+
+
+def _header_shift(model: Path, arg: dict[str, Any], tmp: Path) -> None:
+    """Move a tensor's data offsets by ``by`` bytes (past the end of the data, say)."""
+    file = model / "model.safetensors"
+    _, header, data = _split(file.read_bytes())
+    entry = header[_tensor_name(header, arg.get("tensor", "@last"))]
+    entry["data_offsets"] = [o + arg["by"] for o in entry["data_offsets"]]
+    _write_st(file, json.dumps(header).encode(), data)
 
 
 def _header_duplicate(model: Path, arg: dict[str, Any], tmp: Path) -> None:
@@ -233,6 +261,8 @@ _OPS = {
     "header_set": _header_set,
     "header_raw": _header_raw,
     "header_duplicate": _header_duplicate,
+    "header_copy": _header_copy,
+    "header_shift": _header_shift,
     "truncate": _truncate,
     "append": _append,
     "write": _write,

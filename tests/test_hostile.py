@@ -65,7 +65,9 @@ def check(
     tmp, out = Path(places["tmp"]), Path(places["out"])
     args = [case.command, str(recipe)]
     if case.command == "run":
-        args += [substitute(case.out, places), "--quiet"]
+        args.append(substitute(case.out, places))
+        if not case.warnings:  # --quiet hides warnings too
+            args.append("--quiet")
     args += [substitute(a, places) for a in case.args]
     if case.cwd:
         cwd = Path(substitute(case.cwd, places))
@@ -76,7 +78,7 @@ def check(
     stderr = result.stderr
     assert "Traceback" not in stderr + result.stdout, stderr
     assert result.exit_code == case.exit, (result.exit_code, stderr, result.exception)
-    lines = stderr.strip().splitlines()
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("wrote ")]
     errors = [line for line in lines if line.startswith("error: ")]
     warnings = [line for line in lines if line.startswith("warning: ")]
     assert len(errors) + len(warnings) == len(lines), stderr
@@ -90,12 +92,17 @@ def check(
         assert errors == [], stderr
     for expected in case.warnings:
         pattern = substitute(expected, escaped)
-        assert any(re.search(pattern, w) for w in warnings), (pattern, stderr)
+        assert any(re.search(pattern, w.removeprefix("warning: ")) for w in warnings), (
+            pattern,
+            stderr,
+        )
     assert len(warnings) == len(case.warnings), stderr
     if case.exit != 0:
         assert not out.exists()
         assert not [p for p in tmp.rglob(".out.*")], list(tmp.rglob(".out.*"))
     assert _digest(inputs) == before, "an input changed"
+    for path in case.must_not_exist:
+        assert not Path(substitute(path, places)).exists(), f"{path}: code from a model ran"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
