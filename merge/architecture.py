@@ -101,7 +101,7 @@ def config_disagreements(
     counted = count_layers(shapes)
     for key in LAYER_COUNT_KEYS:
         value = config.get(key)
-        if _is_int(value):
+        if isinstance(value, int) and not isinstance(value, bool):
             if counted and value != counted and not config.get("num_nextn_predict_layers"):
                 found.append((key, value, counted, "layers"))
             break
