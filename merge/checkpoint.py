@@ -95,6 +95,21 @@ def _where(label: str, path: Path) -> str:
 # --- safetensors headers ---------------------------------------------------------------------
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: a tensor named twice in a header would
+    otherwise be the last of its entries, and the first one's bytes nobody's."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header (and nothing else) into ``TensorInfo`` entries."""
     where = _where(label, path)
@@ -114,7 +129,9 @@ def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read: {e.strerror or e}") from e
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{where}: corrupt header: {e.args[0]!r} is given twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{where}: corrupt header: not valid JSON ({e})") from e
     except RecursionError:

@@ -124,6 +124,24 @@ def _check_extras(schema: RecipeSchema, loc: Locator, problems: list[str]) -> No
                 f"must be one of {', '.join(CHAT_TEMPLATES)} or a Jinja template, got {ct!r}",
             )
         )
+    elif ct is not None and ct not in CHAT_TEMPLATES:
+        _check_jinja(ct, loc, problems)
+
+
+def _check_jinja(template: str, loc: Locator, problems: list[str]) -> None:
+    """A recipe's own chat template must parse (it is parsed, never rendered, here), or the
+    output's tokenizer would fail at its first ``apply_chat_template``."""
+    import jinja2  # transformers' dependency; imported only when a recipe has a template
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        problems.append(
+            loc.error(
+                ("chat_template",),
+                f"not a valid Jinja template: {e.message} (line {e.lineno} of the template)",
+            )
+        )
 
 
 def _not_supported(data: dict[str, Any], loc: Locator) -> None:
