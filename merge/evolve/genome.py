@@ -1,0 +1,418 @@
+"""The evolve config (mergekit-evolve's syntax) and the map from a parameter vector to a recipe.
+
+``load_config(path)`` reads a ``GENOME.yaml``::
+
+    genome:
+      models: [A, B]            # the models to merge (a base model listed here gets weights)
+      merge_method: ties        # linear, task_arithmetic, ties, dare_ties or slerp
+      base_model: BASE          # required by task_arithmetic, ties, dare_ties
+      tokenizer_source: null    # optional, as in a recipe
+      layer_granularity: 0      # N: one parameter set per N layers; 0: one for all layers
+      normalize: null           # null: true for linear, ties, dare_ties (mergekit's default)
+      allow_negative_weights: false
+      smooth: false             # interpolate the groups' values over the layers (a gradient)
+      filters: [self_attn, mlp] # separate parameters per filter, plus one for the rest
+      dtype: null               # (ours) the candidates' output dtype; mergekit uses bfloat16
+    tasks:
+      - {name: choice:qa.jsonl, weight: 1.0, metric: acc}   # or a bare lm_eval task name
+    limit: null                 # score each task's first N documents or questions
+    random_init: false          # start at a seeded random point instead of equal weights
+
+Every problem is a ``RecipeError`` at its line (``genome.yaml:4: genome.merge_method: ...``).
+
+``Genome.size`` is the length of the vector CMA-ES searches, laid out as mergekit lays out its
+genotype: ``[layer group, model, filter set, parameter]``, flattened. ``Genome.recipe(x)``
+turns a vector into a normal recipe mapping (what ``merge run`` reads): weights are taken
+``abs`` unless ``allow_negative_weights``, densities ``abs`` clamped into ``[0.001, 1]``; one
+group without ``smooth`` is a ``models:`` recipe of scalars (or filter lists), groups are
+``slices:`` of ``layer_granularity`` layers, ``smooth`` gives gradients over the layers. For
+``slerp`` each group takes its two highest-weighted models, the first as the slice's base,
+``t`` the softmax share of the second. The score of a candidate is the sum of task weight
+times metric, maximised: give a lower-is-better metric (perplexity) a negative weight, as in
+mergekit.
+
+What it does not do: read any model or task file (``merge.evolve.search`` does), or support
+mergekit's lm-eval options (``num_fewshot``, ``shuffle``, ...) other than at their defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge.errors import RecipeError
+from merge.recipe.checks import did_you_mean
+from merge.recipe.yamlsrc import Locator, load_yaml
+
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "slerp": ("t",),
+}
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_ties")
+NORMALIZED_BY_DEFAULT = ("linear", "ties", "dare_ties")
+DENSITY_MIN = 1e-3
+GENOME_KEYS = (
+    "models",
+    "merge_method",
+    "base_model",
+    "tokenizer_source",
+    "layer_granularity",
+    "normalize",
+    "allow_negative_weights",
+    "smooth",
+    "filters",
+    "dtype",
+)
+# mergekit-evolve's lm-eval options: accepted at their defaults only
+FIXED_TOP: dict[str, Any] = {
+    "num_fewshot": None,
+    "shuffle": False,
+    "apply_chat_template": True,
+    "fewshot_as_multiturn": True,
+}
+TOP_KEYS = ("genome", "tasks", "limit", "random_init", *FIXED_TOP)
+TASK_KEYS = ("name", "weight", "metric")
+DEFAULT_METRIC = {"perplexity": "perplexity", "generate": "exact_match"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One scored task: its ``merge eval`` spec, weight and metric (lm-eval's name)."""
+
+    spec: str
+    weight: float
+    metric: str
+    where: str  # "genome.yaml:12: tasks[0]", for messages
+
+
+@dataclass(frozen=True)
+class Genome:
+    """The parameter space of a merge (see the module docstring)."""
+
+    models: tuple[str, ...]
+    merge_method: str
+    base_model: str | None
+    tokenizer_source: str | None
+    layer_granularity: int
+    normalize: bool | None
+    allow_negative_weights: bool
+    smooth: bool
+    filters: tuple[str, ...]
+    dtype: str | None
+    layers: int = 0  # the input models' layer count, set by ``with_layers``
+
+    @property
+    def groups(self) -> int:
+        g = self.layer_granularity
+        return self.layers // g if g > 0 and self.layers else 1
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return METHOD_PARAMS[self.merge_method]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.groups, len(self.models), len(self.filters) + 1, len(self.params))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def with_layers(self, layers: int, where: str) -> Genome:
+        """This genome for models of ``layers`` layers; RecipeError when the granularity does
+        not divide them."""
+        g = self.layer_granularity
+        if g > 0 and layers % g:
+            raise RecipeError(
+                f"{where}: genome.layer_granularity: {g} does not divide the models' "
+                f"{layers} layers"
+            )
+        return Genome(**{**self.__dict__, "layers": layers})
+
+    def initial(self, rng: Any, random: bool = False) -> list[float]:
+        """mergekit's starting point: weights 1/models, densities 1 (``random``: uniform
+        in [0, 1) from ``rng``, a numpy Generator)."""
+        if random:
+            return [float(v) for v in rng.random(self.size)]
+        first = [1.0 / len(self.models)] + [1.0] * (len(self.params) - 1)
+        return first * (self.size // len(self.params))
+
+    def values(self, x: Sequence[float]) -> dict[str, list[list[list[float]]]]:
+        """``x`` as ``{param: [group][model][filter set]}``, each value transformed."""
+        if len(x) != self.size:
+            raise ValueError(f"a vector of {len(x)} values for a genome of {self.size}")
+        g, m, f, p = self.shape
+        out: dict[str, list[list[list[float]]]] = {}
+        for k, name in enumerate(self.params):
+            at = lambda gi, mi, fi: float(x[((gi * m + mi) * f + fi) * p + k])  # noqa: E731,B023
+            out[name] = [
+                [[self._transform(name, at(gi, mi, fi)) for fi in range(f)] for mi in range(m)]
+                for gi in range(g)
+            ]
+        return out
+
+    def _transform(self, param: str, v: float) -> float:
+        if param == "density":
+            return min(1.0, max(DENSITY_MIN, abs(v)))
+        return v if self.allow_negative_weights else abs(v)
+
+    def recipe(self, x: Sequence[float]) -> dict[str, Any]:
+        """The recipe mapping of the candidate ``x`` (plain floats, YAML-safe)."""
+        from merge.methods import METHODS
+
+        vals = self.values(x)
+        top: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.merge_method == "slerp":
+            top["slices"] = self._slerp_slices(vals["t"])
+        elif self.smooth:
+            top["models"] = self._smooth_models(vals)
+        elif self.groups > 1:
+            top["slices"] = self._slices(vals)
+        else:
+            top["models"] = self._entries(vals, 0, None)
+        if self.base_model is not None:
+            top["base_model"] = self.base_model
+        normalize = self.normalize
+        if normalize is None:
+            normalize = self.merge_method in NORMALIZED_BY_DEFAULT
+        names = {p.name for p in METHODS[self.merge_method].params}
+        if "normalize" in names:
+            top["parameters"] = {"normalize": normalize}
+        if self.tokenizer_source is not None:
+            top["tokenizer_source"] = self.tokenizer_source
+        if self.dtype is not None:
+            top["dtype"] = self.dtype
+        return top
+
+    def probe_recipe(self) -> dict[str, Any]:
+        """A recipe over the genome's models that needs no layer count (to open them and
+        learn it): the starting point's, or for slerp a linear merge."""
+        if self.merge_method != "slerp":
+            return Genome(**{**self.__dict__, "layer_granularity": 0, "smooth": False}).recipe(
+                self.initial(None)
+            )
+        top: dict[str, Any] = {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in self.models],
+        }
+        top["models"] += self._base_entry(None)
+        for key in ("tokenizer_source", "dtype"):
+            if getattr(self, key) is not None:
+                top[key] = getattr(self, key)
+        return top
+
+    def _param(self, per_set: list[Any]) -> Any:
+        if not self.filters:
+            return per_set[0]
+        rules = [{"filter": f, "value": v} for f, v in zip(self.filters, per_set, strict=False)]
+        return [*rules, {"value": per_set[-1]}]
+
+    def _entries(self, vals: dict[str, Any], gi: int, layers: list[int] | None) -> list[dict]:
+        out = []
+        for mi, model in enumerate(self.models):
+            e: dict[str, Any] = {"model": model}
+            if layers is not None:
+                e["layer_range"] = list(layers)
+            e["parameters"] = {k: self._param(v[gi][mi]) for k, v in vals.items()}
+            out.append(e)
+        return out + self._base_entry(layers)
+
+    def _base_entry(self, layers: list[int] | None) -> list[dict]:
+        if self.base_model is None or self.base_model in self.models:
+            return []
+        return [{"model": self.base_model, **({"layer_range": layers} if layers else {})}]
+
+    def _ranges(self) -> list[list[int]]:
+        step = self.layers // self.groups
+        return [[i * step, (i + 1) * step] for i in range(self.groups)]
+
+    def _slices(self, vals: dict[str, Any]) -> list[dict]:
+        return [{"sources": self._entries(vals, gi, r)} for gi, r in enumerate(self._ranges())]
+
+    def _smooth_models(self, vals: dict[str, Any]) -> list[dict]:
+        out = []
+        for mi, model in enumerate(self.models):
+            params = {}
+            for k, v in vals.items():
+                per_set = [
+                    [v[gi][mi][fi] for gi in range(self.groups)] for fi in range(self.shape[2])
+                ]
+                params[k] = self._param([s[0] if len(s) == 1 else s for s in per_set])
+            out.append({"model": model, "parameters": params})
+        return out + self._base_entry(None)
+
+    def _slerp_slices(self, t: list[list[list[float]]]) -> list[dict]:
+        out = []
+        for gi, r in enumerate(self._ranges() if self.layers else [[0, 0]]):
+            w = [t[gi][mi][0] for mi in range(len(self.models))]
+            first, second = sorted(range(len(w)), key=lambda i: (-w[i], i))[:2]
+            share = 1.0 / (1.0 + math.exp(w[first] - w[second]))
+            sources = [{"model": self.models[i], "layer_range": list(r)} for i in (first, second)]
+            out.append(
+                {
+                    "sources": sources + self._base_entry(list(r)),
+                    "base_model": self.models[first],
+                    "parameters": {"t": share},
+                }
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    """A parsed ``GENOME.yaml``; ``text`` is its content (part of the storage key)."""
+
+    genome: Genome
+    tasks: tuple[TaskSpec, ...]
+    limit: int | None
+    random_init: bool
+    file: Path
+    text: str
+
+    def key(self, options: dict[str, Any]) -> str:
+        """A hash of the config text and the options that shape the trajectory."""
+        h = hashlib.sha256(self.text.encode())
+        h.update(repr(sorted(options.items())).encode())
+        return h.hexdigest()
+
+
+def _local(ref: str, folder: Path) -> str:
+    """A model reference with a relative local folder made absolute (a Hub id unchanged)."""
+    path = (folder / ref).expanduser()
+    return str(path.resolve()) if not Path(ref).is_absolute() and path.exists() else ref
+
+
+def _check_keys(data: Any, allowed: Sequence[str], path: tuple, loc: Locator, out: list) -> dict:
+    if not isinstance(data, dict):
+        out.append(loc.error(path, f"expected a mapping, got {type(data).__name__}"))
+        return {}
+    for key in data:
+        if key not in allowed:
+            hint = did_you_mean(str(key), list(allowed))
+            out.append(loc.error((*path, key), f"unknown key{hint}"))
+    return data
+
+
+def _typed(data: dict, key: str, kinds: tuple, path: tuple, loc: Locator, out: list) -> Any:
+    value = data.get(key)
+    if value is not None and (
+        not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds)
+    ):
+        names = " or ".join(k.__name__ for k in kinds)
+        out.append(loc.error((*path, key), f"must be {names}, got {value!r}"))
+        return None
+    return value
+
+
+def _genome(data: Any, loc: Locator, folder: Path, out: list) -> Genome | None:
+    path: tuple = ("genome",)
+    g = _check_keys(data, GENOME_KEYS, path, loc, out)
+    models = g.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        out.append(loc.error((*path, "models"), "required: a list of model references"))
+        models = []
+    method = g.get("merge_method")
+    if method not in METHOD_PARAMS:
+        hint = did_you_mean(str(method), list(METHOD_PARAMS)) if method is not None else ""
+        out.append(
+            loc.error(
+                (*path, "merge_method"),
+                f"must be one of {', '.join(METHOD_PARAMS)}, got {method!r}{hint}",
+            )
+        )
+    base = _typed(g, "base_model", (str,), path, loc, out)
+    if method in NEEDS_BASE and base is None:
+        out.append(loc.error((*path, "merge_method"), f"{method} needs a base_model"))
+    gran = _typed(g, "layer_granularity", (int,), path, loc, out) or 0
+    if gran < 0:
+        out.append(loc.error((*path, "layer_granularity"), f"must be >= 0, got {gran}"))
+    filters = g.get("filters") or []
+    if not isinstance(filters, list) or not all(isinstance(f, str) and f for f in filters):
+        out.append(loc.error((*path, "filters"), "must be a list of tensor-name substrings"))
+        filters = []
+    smooth = bool(_typed(g, "smooth", (bool,), path, loc, out))
+    if method == "slerp" and (smooth or filters):
+        out.append(loc.error(path, "slerp takes neither smooth nor filters (as in mergekit)"))
+    if method == "slerp" and len(models) < 2:
+        out.append(loc.error((*path, "models"), "slerp needs at least two models"))
+    genome = Genome(
+        models=tuple(_local(m, folder) for m in models),
+        merge_method=str(method),
+        base_model=_local(base, folder) if base else None,
+        tokenizer_source=_typed(g, "tokenizer_source", (str,), path, loc, out),
+        layer_granularity=max(0, gran),
+        normalize=_typed(g, "normalize", (bool,), path, loc, out),
+        allow_negative_weights=bool(_typed(g, "allow_negative_weights", (bool,), path, loc, out)),
+        smooth=smooth,
+        filters=tuple(filters),
+        dtype=_typed(g, "dtype", (str,), path, loc, out),
+    )
+    return genome if method in METHOD_PARAMS else None
+
+
+def _task_spec(name: str, folder: Path) -> str:
+    kind, sep, arg = name.partition(":")
+    if not sep:
+        return f"lm_eval:{name}"  # mergekit's tasks are lm-eval task names
+    if kind in ("perplexity", "choice", "generate") and not Path(arg).expanduser().is_absolute():
+        return f"{kind}:{(folder / arg).resolve()}"
+    return name
+
+
+def _tasks(data: Any, loc: Locator, folder: Path, out: list) -> tuple[TaskSpec, ...]:
+    if not isinstance(data, list) or not data:
+        out.append(loc.error(("tasks",), "required: a list of tasks ({name, weight, metric})"))
+        return ()
+    tasks = []
+    for i, raw in enumerate(data):
+        path: tuple = ("tasks", i)
+        t = {"name": raw} if isinstance(raw, str) else _check_keys(raw, TASK_KEYS, path, loc, out)
+        name = t.get("name")
+        if not isinstance(name, str) or not name:
+            out.append(loc.error((*path, "name"), "required: a task such as choice:FILE"))
+            continue
+        weight = t.get("weight", 1.0)
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+        ):
+            out.append(loc.error((*path, "weight"), f"must be a finite number, got {weight!r}"))
+            weight = 0.0
+        spec = _task_spec(name, folder)
+        metric = t.get("metric") or DEFAULT_METRIC.get(spec.partition(":")[0], "acc")
+        if not isinstance(metric, str):
+            out.append(loc.error((*path, "metric"), f"must be a metric name, got {metric!r}"))
+            metric = "acc"
+        tasks.append(TaskSpec(spec, float(weight), metric.split(",")[0], loc.where(path)))
+    return tuple(tasks)
+
+
+def load_config(path: str | Path) -> EvolveConfig:
+    """Parse and check ``GENOME.yaml``; one RecipeError holding every problem."""
+    file = Path(path)
+    data, loc, text = load_yaml(file)
+    out: list[str] = []
+    top = _check_keys(data, TOP_KEYS, (), loc, out)
+    for key, default in FIXED_TOP.items():
+        if key in top and top[key] != default:
+            out.append(loc.error((key,), f"only {default!r} is supported by merge evolve"))
+    folder = file.resolve().parent
+    if "genome" not in top and isinstance(data, dict):
+        out.append(loc.error(("genome",), "required"))
+    genome = _genome(top.get("genome"), loc, folder, out) if "genome" in top else None
+    tasks = _tasks(top.get("tasks"), loc, folder, out)
+    limit = _typed(top, "limit", (int,), (), loc, out)
+    if limit is not None and limit < 1:
+        out.append(loc.error(("limit",), f"must be >= 1, got {limit}"))
+    random_init = bool(_typed(top, "random_init", (bool,), (), loc, out))
+    if out or genome is None:
+        raise RecipeError(out or [f"{file}: no genome"])
+    return EvolveConfig(genome, tasks, limit, random_init, file, text)
