@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge.errors import RecipeError
+from merge.errors import MergeError, RecipeError
 from merge.recipe.checks import did_you_mean
 from merge.recipe.yamlsrc import Locator, load_yaml
 
@@ -126,14 +127,11 @@ class Genome:
         return math.prod(self.shape)
 
     def with_layers(self, layers: int, where: str) -> Genome:
-        """This genome for models of ``layers`` layers; RecipeError when the granularity does
-        not divide them."""
+        """This genome for models of ``layers`` layers; RecipeError at ``where`` (the place of
+        ``layer_granularity``) when the granularity does not divide them."""
         g = self.layer_granularity
         if g > 0 and layers % g:
-            raise RecipeError(
-                f"{where}: genome.layer_granularity: {g} does not divide the models' "
-                f"{layers} layers"
-            )
+            raise RecipeError(f"{where}: {g} does not divide the models' {layers} layers")
         return Genome(**{**self.__dict__, "layers": layers})
 
     def initial(self, rng: Any, random: bool = False) -> list[float]:
@@ -195,9 +193,8 @@ class Genome:
         """A recipe over the genome's models that needs no layer count (to open them and
         learn it): the starting point's, or for slerp a linear merge."""
         if self.merge_method != "slerp":
-            return Genome(**{**self.__dict__, "layer_granularity": 0, "smooth": False}).recipe(
-                self.initial(None)
-            )
+            one = Genome(**{**self.__dict__, "layer_granularity": 0, "smooth": False})
+            return one.recipe(one.initial(None))
         top: dict[str, Any] = {
             "merge_method": "linear",
             "models": [{"model": m, "parameters": {"weight": 1.0}} for m in self.models],
@@ -275,6 +272,24 @@ class EvolveConfig:
     random_init: bool
     file: Path
     text: str
+    refs: tuple[tuple[str, str], ...] = ()  # (model reference, its place in the genome)
+    granularity_at: str = ""  # "genome.yaml:5: genome.layer_granularity"
+
+    def relocate(self, e: MergeError) -> MergeError:
+        """``e`` (about the recipe made from the genome) with the genome's places: a problem
+        naming a model points at that model's line in the genome file."""
+        head = re.compile(rf"^{re.escape(str(self.file))}:\d+: [^:]*: ")
+        out = []
+        for p in e.problems:
+            rest = head.sub("", p)
+            if rest == p:
+                out.append(p)
+                continue
+            hit = next((w for ref, w in self.refs if f"'{ref}'" in rest), None)
+            out.append(f"{hit}: {rest}" if hit else f"{self.file}: the genome's recipe: {rest}")
+        err = type(e)(out)
+        err.__cause__ = e
+        return err
 
     def key(self, options: dict[str, Any]) -> str:
         """A hash of the config text and the options that shape the trajectory."""
@@ -296,7 +311,7 @@ def _check_keys(data: Any, allowed: Sequence[str], path: tuple, loc: Locator, ou
     for key in data:
         if key not in allowed:
             hint = did_you_mean(str(key), list(allowed))
-            out.append(loc.error((*path, key), f"unknown key{hint}"))
+            out.append(loc.error((*path, key), f"unknown key; {hint}"))
     return data
 
 
@@ -320,13 +335,9 @@ def _genome(data: Any, loc: Locator, folder: Path, out: list) -> Genome | None:
         models = []
     method = g.get("merge_method")
     if method not in METHOD_PARAMS:
-        hint = did_you_mean(str(method), list(METHOD_PARAMS)) if method is not None else ""
-        out.append(
-            loc.error(
-                (*path, "merge_method"),
-                f"must be one of {', '.join(METHOD_PARAMS)}, got {method!r}{hint}",
-            )
-        )
+        what = f"unknown merge method {method!r}" if method is not None else "required"
+        hint = did_you_mean(str(method), list(METHOD_PARAMS))
+        out.append(loc.error((*path, "merge_method"), f"{what}; {hint}"))
     base = _typed(g, "base_model", (str,), path, loc, out)
     if method in NEEDS_BASE and base is None:
         out.append(loc.error((*path, "merge_method"), f"{method} needs a base_model"))
@@ -415,4 +426,8 @@ def load_config(path: str | Path) -> EvolveConfig:
     random_init = bool(_typed(top, "random_init", (bool,), (), loc, out))
     if out or genome is None:
         raise RecipeError(out or [f"{file}: no genome"])
-    return EvolveConfig(genome, tasks, limit, random_init, file, text)
+    refs = [(m, loc.where(("genome", "models", i))) for i, m in enumerate(genome.models)]
+    if genome.base_model is not None:
+        refs.append((genome.base_model, loc.where(("genome", "base_model"))))
+    at = loc.where(("genome", "layer_granularity"))
+    return EvolveConfig(genome, tasks, limit, random_init, file, text, tuple(refs), at)

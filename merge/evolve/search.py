@@ -82,7 +82,6 @@ def _record(genome: Genome, gen: int, i: int, x: Any, got: dict[str, Any], evals
         "values": flat,
         "score": got["score"],
         "metrics": got["metrics"],
-        "seconds": round(got["seconds"], 3),
     }
 
 
@@ -114,18 +113,29 @@ def _stop_reason(state: State, max_evals: int, deadline: float | None) -> str | 
     return None
 
 
-def _pool(cfg: EvolveConfig, workers: int, address: str | None, **kw: Any) -> Any:
-    from merge.evolve.workers import LocalPool, RayPool
+def _pool(cfg: EvolveConfig, workers: int, address: str | None, **kw: Any) -> tuple[Any, int]:
+    """The workers, and the models' layer count. The models and tasks are opened here first
+    (headers only), so a bad reference is an error at its genome line before Ray starts."""
+    from merge.evolve.workers import LocalPool, RayPool, Scorer
 
-    g = cfg.genome
-    base = g.probe_recipe()
     kwargs = dict(
-        base_recipe=base, genome_file=str(cfg.file), tasks=cfg.tasks, limit=cfg.limit, **kw
+        base_recipe=cfg.genome.probe_recipe(),
+        genome_file=str(cfg.file),
+        tasks=cfg.tasks,
+        limit=cfg.limit,
+        **kw,
     )
-    if workers > 1 or address is not None:
-        threads = kwargs.pop("threads")
-        return RayPool(workers, address, threads, **kwargs)
-    return LocalPool(**kwargs)
+    ray = workers > 1 or address is not None
+    try:
+        probe = Scorer(**{**kwargs, "threads": None} if ray else kwargs)
+    except MergeError as e:
+        raise cfg.relocate(e) from None
+    layers = probe.layers
+    if not ray:
+        return LocalPool(probe), layers
+    probe.close()
+    threads = kwargs.pop("threads")
+    return RayPool(workers, address, threads, **kwargs), layers
 
 
 def evolve(
@@ -151,35 +161,19 @@ def evolve(
     _check(max_evals, popsize, sigma0, workers, batch_size)
     key = cfg.key({"popsize": popsize, "sigma0": sigma0, "seed": seed, "batch_size": batch_size})
     store = Store(storage, key, cfg.file.resolve())
-    state = store.open()
     _cma()
     say = echo or (lambda _s: None)
-    pool = _pool(cfg, workers, ray_address, batch_size=batch_size, device=device, threads=threads)
+    pool, layers = _pool(
+        cfg, workers, ray_address, batch_size=batch_size, device=device, threads=threads
+    )
     try:
-        genome = cfg.genome.with_layers(pool.layers, str(cfg.file))
+        genome = cfg.genome.with_layers(layers, cfg.granularity_at)
+        state = store.open()
         if state is None:
             state = new_state(genome, cfg, popsize, sigma0, seed)
         elif state.generation:
             say(f"resuming {store.dir} after generation {state.generation - 1}")
-        hook = int(os.environ.get(TEST_HOOK, "0") or 0)
-        while state.done is None and not (stopped := _stop_reason(state, max_evals, deadline)):
-            records = run_generation(state, genome, pool)
-            gen = state.generation
-            state.generation += 1
-            state.evals += len(records)
-            top = max(records, key=lambda r: r["score"])
-            if state.best is None or top["score"] > state.best["score"]:
-                state.best = top
-            store.append(records)
-            store.save(state)
-            outputs.write_best(store.dir, genome.recipe(state.best["x"]), state.best)
-            say(outputs.generation_line(gen, records, state.best))
-            if hook and state.generation == hook:
-                os.kill(os.getpid(), signal.SIGKILL)
-        if state.done is None and stopped and stopped.startswith("CMA-ES"):
-            state.done = stopped  # final; a larger --max-evals or --time-limit continues
-            store.save(state)
-        stopped = state.done or stopped
+        stopped = _loop(state, genome, pool, store, max_evals, deadline, say)
     finally:
         pool.close()
     warning = outputs.write_plot(store.dir, store.history())
@@ -191,6 +185,38 @@ def evolve(
         stopped or "",
         [warning] if warning else [],
     )
+
+
+def _loop(
+    state: State,
+    genome: Genome,
+    pool: Any,
+    store: Store,
+    max_evals: int,
+    deadline: float | None,
+    say: Callable[[str], None],
+) -> str:
+    """Run generations until a stop condition; why it stopped."""
+    hook = int(os.environ.get(TEST_HOOK, "0") or 0)
+    stopped: str | None = state.done
+    while stopped is None and not (stopped := _stop_reason(state, max_evals, deadline)):
+        records = run_generation(state, genome, pool)
+        gen = state.generation
+        state.generation += 1
+        state.evals += len(records)
+        top = max(records, key=lambda r: r["score"])
+        if state.best is None or top["score"] > state.best["score"]:
+            state.best = top
+        store.append(records)
+        store.save(state)
+        outputs.write_best(store.dir, genome.recipe(state.best["x"]), state.best)
+        say(outputs.generation_line(gen, records, state.best))
+        if hook and state.generation == hook:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if state.done is None and stopped.startswith("CMA-ES"):
+        state.done = stopped  # final; a larger --max-evals or --time-limit continues otherwise
+        store.save(state)
+    return stopped
 
 
 def _check(max_evals: int, popsize: int | None, sigma0: float, workers: int, batch: int) -> None:

@@ -8,7 +8,7 @@ Files in ``DIR``:
   ``cma`` package draws from it) and counters; written atomically (temporary file, fsync,
   rename), so it is always a whole generation's state.
 - ``history.jsonl``: one line per evaluated candidate (generation, index, vector, score,
-  per-task metrics, seconds), appended and fsynced before the state that counts it. On
+  per-task metrics), appended and fsynced before the state that counts it. On
   resume, lines of a generation the state does not count (a kill between the two writes) are
   dropped, so the history then continues exactly as an uninterrupted run's.
 

@@ -87,9 +87,8 @@ class Scorer:
 class LocalPool:
     """One Scorer in this process."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._scorer = Scorer(**kwargs)
-        self.layers = self._scorer.layers
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
 
     def map(self, recipes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [self._scorer.score(r) for r in recipes]
@@ -102,9 +101,6 @@ def _remote_scorer(ray: Any) -> Any:
     class ScorerActor:
         def __init__(self, kwargs: dict[str, Any]) -> None:
             self.scorer = Scorer(**kwargs)
-
-        def layers(self) -> int:
-            return self.scorer.layers
 
         def score(self, recipe: dict[str, Any]) -> dict[str, Any]:
             try:
@@ -151,7 +147,6 @@ class RayPool:
         kwargs["threads"] = threads or 1
         actor = _remote_scorer(ray).options(**per)
         self._actors = [actor.remote(kwargs) for _ in range(workers)]
-        self.layers = ray.get(self._actors[0].layers.remote())
 
     def map(self, recipes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from ray.util import ActorPool
