@@ -296,3 +296,13 @@ def test_without_cma_the_error_names_the_extra(
     with pytest.raises(MergeError, match=r"pip install 'mergesmith\[evolve\]'"):
         evolve(world / "genome.yaml", tmp_path / "s", **RUN)  # type: ignore[arg-type]
     assert not (tmp_path / "s").exists()
+
+
+def test_without_ray_workers_1_runs_and_more_need_the_extra(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = evolve(world / "genome.yaml", tmp_path / "one", **{**RUN, "max_evals": 6})  # type: ignore[arg-type]
+    assert result.evals == 6
+    with pytest.raises(MergeError, match=r"need Ray: pip install 'mergesmith\[evolve\]'"):
+        evolve(world / "genome.yaml", tmp_path / "two", workers=2, **RUN)  # type: ignore[arg-type]

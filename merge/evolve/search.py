@@ -173,7 +173,13 @@ def evolve(
             state = new_state(genome, cfg, popsize, sigma0, seed)
         elif state.generation:
             say(f"resuming {store.dir} after generation {state.generation - 1}")
-        stopped = _loop(state, genome, pool, store, max_evals, deadline, say)
+        try:
+            stopped = _loop(state, genome, pool, store, max_evals, deadline, say)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted; {store.dir} keeps {state.generation} finished generations: "
+                f"rerun the same command to continue"
+            ) from None
     finally:
         pool.close()
     warning = outputs.write_plot(store.dir, store.history())
