@@ -134,6 +134,7 @@ def _pool(cfg: EvolveConfig, workers: int, address: str | None, **kw: Any) -> tu
     if not ray:
         return LocalPool(probe), layers
     probe.close()
+    kwargs.pop("warn")  # an actor's warnings stay on its node; the probe's were shown
     threads = kwargs.pop("threads")
     return RayPool(workers, address, threads, **kwargs), layers
 
@@ -164,7 +165,13 @@ def evolve(
     _cma()
     say = echo or (lambda _s: None)
     pool, layers = _pool(
-        cfg, workers, ray_address, batch_size=batch_size, device=device, threads=threads
+        cfg,
+        workers,
+        ray_address,
+        batch_size=batch_size,
+        device=device,
+        threads=threads,
+        warn=lambda w: say(f"warning: {w}"),
     )
     try:
         genome = cfg.genome.with_layers(layers, cfg.granularity_at)
