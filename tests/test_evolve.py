@@ -25,7 +25,7 @@ from merge import api
 from merge.cli import app
 from merge.errors import MergeError, OutputError, RecipeError
 from merge.evolve import InMemoryMerger
-from merge.evolve.genome import load_config
+from merge.evolve.config import load_config
 from merge.evolve.search import TEST_HOOK, evolve
 from merge.evolve.store import Store
 from support import run_recipe
@@ -306,3 +306,19 @@ def test_without_ray_workers_1_runs_and_more_need_the_extra(
     assert result.evals == 6
     with pytest.raises(MergeError, match=r"need Ray: pip install 'mergesmith\[evolve\]'"):
         evolve(world / "genome.yaml", tmp_path / "two", workers=2, **RUN)  # type: ignore[arg-type]
+
+
+def test_time_limit_stops_between_generations_and_bad_values_are_one_line(
+    world: Path, tmp_path: Path
+) -> None:
+    result = evolve(world / "genome.yaml", tmp_path / "s", time_limit=1e-9, **RUN)  # type: ignore[arg-type]
+    assert result.stopped == "--time-limit reached" and result.generations == 0
+    r = CliRunner().invoke(
+        app, ["evolve", str(world / "genome.yaml"), "--storage-path", str(tmp_path / "t"),
+              "--time-limit", "soon", "--popsize", "1"],
+    )  # fmt: skip
+    assert r.exit_code == 2
+    assert r.output == "error: --time-limit: expected seconds or like 30m, 2h, got 'soon'\n"
+    from merge.clievolve import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "1.5h")] == [90, 90, 1800, 5400]

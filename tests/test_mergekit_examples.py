@@ -203,7 +203,7 @@ def test_evolve_config_is_named_and_parses_for_merge_evolve() -> None:
         f"error: {recipe}:2: genome: a mergekit-evolve config (genome:, tasks:): run it with "
         "merge evolve; this file is not a merge recipe\n"
     )
-    from merge.evolve.genome import load_config
+    from merge.evolve.config import load_config
 
     cfg = load_config(recipe)
     g = cfg.genome.with_layers(32, "x")

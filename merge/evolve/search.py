@@ -25,7 +25,8 @@ from typing import Any
 
 from merge.errors import MergeError
 from merge.evolve import outputs
-from merge.evolve.genome import EvolveConfig, Genome, load_config
+from merge.evolve.config import EvolveConfig, load_config
+from merge.evolve.genome import Genome
 from merge.evolve.store import State, Store
 
 TEST_HOOK = "MERGE_TEST_KILL_AFTER_GENERATION"  # "N": SIGKILL itself once N are saved

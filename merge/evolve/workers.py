@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from merge.errors import EvalError, MergeError
-from merge.evolve.genome import TaskSpec
+from merge.evolve.config import TaskSpec
 
 
 class Scorer:
