@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from merge import __version__, clibuild, clieval
+from merge import __version__, clibuild, clieval, clievolve
 from merge import clipublish as pub
 from merge import options as opt
 from merge.clihelp import (  # noqa: F401 (_startup: main's state, tests patch it here)
@@ -290,6 +290,7 @@ def methods(
 
 clibuild.register(app)  # verify, lock, outdated, rebuild: listed after these
 clieval.register(app)  # eval
+clievolve.register(app)  # evolve
 
 
 def main() -> None:

@@ -118,6 +118,11 @@ class InMemoryMerger:
                 self._warn(w)
         return p
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The output config of the base recipe (as ``merge run`` would write it)."""
+        return dict(self._plan.config)
+
     def model(self) -> Any:
         """The target model (built on first use, then the same object for every merge)."""
         if self._target is None:

@@ -4,7 +4,7 @@ Every problem found is collected and raised together as one ``RecipeError`` whos
 ``recipe.yaml:14: models[1].parameters.density: must be in (0, 1], got 1.5``. Nothing here
 touches the filesystem beyond the recipe itself: model references are checked for syntax only.
 The recipe's parts (``models``, ``slices`` or ``modules``) are built by ``merge.recipe.parts``
-with the checks of ``merge.recipe.checks``. Configs of mergekit tools we do not run (evolve's
+with the checks of ``merge.recipe.checks``. Configs of other mergekit tools (evolve's
 ``genome:``/``tasks:``) get one line naming the feature, never "unknown key".
 """
 
@@ -32,10 +32,10 @@ if typing.TYPE_CHECKING:  # pragma: no cover
 
 CHAT_TEMPLATES = ("auto", *sorted(TEMPLATES))
 MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts")
-# Keys of configs for mergekit tools that this project does not run yet: one line each.
+# Keys of configs for other mergekit tools: one line each, naming the command that runs them.
 NOT_SUPPORTED = {
-    "genome": "mergekit-evolve configs (genome:, tasks:) are not supported yet",
-    "tasks": "mergekit-evolve configs (genome:, tasks:) are not supported yet",
+    "genome": "a mergekit-evolve config (genome:, tasks:): run it with merge evolve",
+    "tasks": "a mergekit-evolve config (genome:, tasks:): run it with merge evolve",
 }
 
 
