@@ -1,4 +1,5 @@
-"""Interpolation on the sphere of directions: ``nuslerp``, ``multislerp`` and ``karcher``.
+"""Interpolation on the sphere of directions: ``nuslerp`` and ``multislerp`` (``karcher``, the
+third of the family, is in ``merge.methods.karcher``; it shares the helpers here).
 
 Each method splits tensors into a direction (unit vector) and a length, averages directions on
 the sphere and restores a length. Semantics are mergekit's (so existing recipes give the same
@@ -71,13 +72,10 @@ from merge.methods.base import Method, Param
 from merge.methods.stream import Streamed, float64_sum, whole
 
 __all__ = [
-    "KARCHER",
     "MULTISLERP",
     "NUSLERP",
-    "KarcherStream",
     "MultislerpStream",
     "NuslerpStream",
-    "karcher",
     "multislerp",
     "multislerp_check",
     "nuslerp",
@@ -88,7 +86,6 @@ COLINEAR_COS = 1e-6  # 1 - |cos th| below this (|sin th| < ~1.4e-3): lerp (nusle
 CANCEL_FLOOR = 1e-6  # multislerp: a weighted mean direction this short (relative) cancels
 NORM_FLOOR = 1e-7  # nuslerp divides norms clamped to at least this
 WEIGHT_SUM_EPS = 1e-6  # nuslerp: |w1 + w2| below this gives t = 0.5
-OPPOSITE_EPS = 1e-3  # karcher: a direction this close (rad) to opposite the mean gives no step
 
 
 def _task(x: Tensor, base: Tensor | None) -> Tensor:
@@ -109,7 +106,7 @@ def _row_sums(a: Tensor, b: Tensor) -> Tensor:
     return torch.from_numpy(np.sum((a * b).numpy(), axis=1))
 
 
-def _gram_add(gram: np.ndarray, vs: list[Tensor]) -> None:
+def gram_add(gram: np.ndarray, vs: list[Tensor]) -> None:
     """Add the chunk's exact products ``v_i . v_j`` (summed in float64) to ``gram``."""
     wide = [_wide(v) for v in vs]
     for i, a in enumerate(wide):
@@ -118,7 +115,7 @@ def _gram_add(gram: np.ndarray, vs: list[Tensor]) -> None:
             gram[j, i] = gram[i, j]
 
 
-def _combine(vs: list[Tensor], coefs: list[float], like: Tensor) -> Tensor:
+def combine(vs: list[Tensor], coefs: list[float], like: Tensor) -> Tensor:
     """``sum_i coefs[i] vs[i]`` in float32, in model order (a new tensor)."""
     out = torch.zeros_like(like, dtype=torch.float32)
     for v, c in zip(vs, coefs, strict=True):
@@ -258,7 +255,7 @@ class MultislerpStream(Streamed):
         self.coefs = [1.0] * n
 
     def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
-        _gram_add(self.gram, [_task(x, base) for x in xs])
+        gram_add(self.gram, [_task(x, base) for x in xs])
 
     def end_pass(self, step: int) -> None:
         w, eps, gram = self.weights, self.eps, self.gram
@@ -287,7 +284,7 @@ class MultislerpStream(Streamed):
     def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
         if len(xs) == 1:
             return xs[0]
-        out = _combine([_task(x, base) for x in xs], self.coefs, xs[0])
+        out = combine([_task(x, base) for x in xs], self.coefs, xs[0])
         return out.add_(base) if base is not None else out
 
 
@@ -311,97 +308,6 @@ def multislerp_check(params: dict[str, Any], models: list[str]) -> list[str]:
             "change a weight or set normalize_weights: false"
         ]
     return []
-
-
-# --- karcher ----------------------------------------------------------------------------------
-
-
-class KarcherStream(Streamed):
-    """``karcher`` over chunks. Every iterate is a linear combination ``sum_i a_i x_i`` of the
-    inputs (the start is one, and each log/exp step adds multiples of the inputs and of the
-    mean), so one statistics pass sums the Gram matrix ``G_ij = x_i . x_j`` (exact products,
-    float64 sums) and the iterations run on the coefficients: ``mean . x_j = (G a)_j``,
-    ``|mean|^2 = a' G a``. Each chunk is then one weighted sum of the inputs' chunks: the
-    iterations cost no pass over the tensor, and they run in float64."""
-
-    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], rng: Any = None) -> None:
-        self.max_iter, self.tol = int(params["max_iter"]), float(params["tol"])
-        self.gram: np.ndarray | None = None
-        self.passes = 1
-        self.coefs: list[float] = []
-
-    def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
-        if self.gram is None:
-            self.gram = np.zeros((len(xs), len(xs)), dtype=np.float64)
-        _gram_add(self.gram, xs)
-
-    def end_pass(self, step: int) -> None:
-        if self.gram is None:  # an empty tensor: nothing was seen
-            return
-        gram, tol = self.gram, self.tol
-        n = len(gram)
-        norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(n)]
-        units = [i for i in range(n) if norms[i] > tol]
-        self.coefs = [0.0] * n
-        if not units:
-            return
-        scale = np.array([1.0 / norms[i] if i in units else 0.0 for i in range(n)])
-
-        def length(a: np.ndarray) -> float:
-            return math.sqrt(max(float(((gram * a).sum(axis=1) * a).sum()), 0.0))
-
-        mean = scale / len(units)
-        size = length(mean)
-        if size < tol:
-            mean = np.zeros(n)
-            mean[units[0]] = scale[units[0]]
-        else:
-            mean = mean / size
-        for _ in range(self.max_iter):
-            tangent = self._step(mean, units, scale)
-            move = length(tangent)
-            if move < tol:
-                break
-            mean = mean * math.cos(move) + tangent * (math.sin(move) / move)
-            size = length(mean)
-            if size > tol:
-                mean = mean / size
-        self.coefs = [float(a) * sum(norms) / n for a in mean]
-
-    def _step(self, mean: np.ndarray, units: list[int], scale: np.ndarray) -> np.ndarray:
-        """The mean of the log maps ``log_mean(u_i)`` (``u_i = x_i * scale_i``), as
-        coefficients."""
-        assert self.gram is not None
-        along = (self.gram * mean).sum(axis=1)  # x_i . mean
-        step = np.zeros(len(mean))
-        pull = 0.0  # coefficient of ``mean`` in the step
-        alpha = 1.0 / len(units)
-        for i in units:
-            dot = min(1.0, max(-1.0, float(along[i]) * float(scale[i])))
-            theta = math.acos(dot)
-            if theta < self.tol or math.pi - theta < OPPOSITE_EPS:  # here already, or opposite
-                continue
-            coef = alpha * theta / math.sin(theta)
-            step[i] += coef * float(scale[i])
-            pull -= coef * dot
-        return step + pull * mean
-
-    def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
-        if len(xs) == 1:
-            return xs[0]
-        return _combine(xs, self.coefs, xs[0])
-
-
-_karcher_chunks = whole(KarcherStream, "karcher", None)
-
-
-def karcher(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """Karcher mean of the directions (uniform weights), times the mean norm."""
-    if len(tensors) == 1:
-        return tensors[0]
-    return _karcher_chunks(tensors, base, params, rng)
 
 
 _WEIGHT = Param("weight", True, float, help="relative weight of this model")
@@ -452,22 +358,4 @@ MULTISLERP = Method(
     "for 3 or more models and normalises rounding noise for an opposite pair; here it falls "
     "back to the weighted sum",
     check=multislerp_check,
-)
-MAX_ITER = 10_000
-"""karcher's cap on ``max_iter``: it converges in tens of steps; more is a typo, not a need."""
-
-KARCHER = Method(
-    name="karcher",
-    fn=karcher,
-    params=(
-        Param("max_iter", False, int, 10, low=0, high=MAX_ITER, help="most log/exp iterations"),
-        Param("tol", False, float, 1e-5, low=0, low_open=True, help="stop below this step"),
-    ),
-    base="input",
-    min_models=1,
-    max_models=None,
-    paper="https://en.wikipedia.org/wiki/Karcher_mean",
-    description="Riemannian (Karcher) mean of the models' directions, times their mean norm",
-    workspace=(2.0, 4.0),
-    stream=KarcherStream,
 )
