@@ -87,7 +87,7 @@ def row_kl(x: Tensor, b: Tensor) -> Tensor:
     close, the KL is a small difference of large terms, and float32 loses most of its digits."""
     rows_x = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     rows_b = b.reshape(rows_x.shape)
-    out = torch.empty(rows_x.shape[0], 1, dtype=torch.float64)
+    out = torch.empty(rows_x.shape[0], 1, dtype=torch.float64, device=rows_x.device)
     log_eps = torch.tensor(math.log(KL_EPS), dtype=torch.float64)
     step = max(1, ROW_CHUNK // max(1, rows_x.shape[1]))
     for start in range(0, rows_x.shape[0], step):
