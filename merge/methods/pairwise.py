@@ -19,8 +19,14 @@ With ``b`` the base and ``x`` the other model:
   model and its fine-tune it is a tiny difference of large terms, which float32 (mergekit)
   gets wrong by ~1e-3 relative, enough to move the threshold and flip entries near it.
 
-``workspace`` is measured (peak RSS over the inputs, 4M-entry tensors): the weight or the
-importance, the mask and the output; the KL's float64 temporaries are bounded by the chunk.
+Both stream (``merge.methods.stream``): nearswap entry by entry; arcee_fusion in chunks of
+whole rows, with one statistics pass that keeps the importances its quantiles are taken of
+(all of them up to 1e6 entries, else those at the 1e6 indices drawn up front, which are the
+whole-tensor draw's), then each chunk is masked by the threshold. ``workspace`` (in
+chunk-sized float32 buffers): the importance, the mask and the output, the KL's float64
+temporaries (bounded by ``ROW_CHUNK``), and the quantile sample: at most 1e6 float32 values
+and 1e6 int64 indices, which is three buffers of the default chunk (1M entries) but does not
+shrink with it. A row longer than a chunk is one chunk (the softmax needs the whole row).
 
 What this does not do: more than one model besides the base (both methods are pairwise).
 """
@@ -34,11 +40,12 @@ import torch
 from torch import Tensor
 
 from merge.methods.base import Method, Param
-from merge.methods.stream import Elementwise
+from merge.methods.stream import Elementwise, Streamed, whole
 
 __all__ = [
     "ARCEE_FUSION",
     "NEARSWAP",
+    "FusionStream",
     "arcee_fusion",
     "fusion_importance",
     "iqr_threshold",
@@ -80,7 +87,7 @@ def row_kl(x: Tensor, b: Tensor) -> Tensor:
     close, the KL is a small difference of large terms, and float32 loses most of its digits."""
     rows_x = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     rows_b = b.reshape(rows_x.shape)
-    out = torch.empty(rows_x.shape[0], 1, dtype=torch.float64)
+    out = torch.empty(rows_x.shape[0], 1, dtype=torch.float64, device=rows_x.device)
     log_eps = torch.tensor(math.log(KL_EPS), dtype=torch.float64)
     step = max(1, ROW_CHUNK // max(1, rows_x.shape[1]))
     for start in range(0, rows_x.shape[0], step):
@@ -114,15 +121,61 @@ def iqr_threshold(values: Tensor, rng: torch.Generator | None) -> float:
     return median + 1.5 * (q3 - q1)
 
 
-def arcee_fusion(
-    tensors: list[Tensor], base: Tensor | None, params: dict[str, Any], rng: Any = None
-) -> Tensor:
-    """The other model's entries whose importance reaches the IQR threshold; the base elsewhere."""
-    x, b = _pair("arcee_fusion", tensors, base)
-    importance = fusion_importance(x, b)
-    keep = importance >= iqr_threshold(importance, rng)
-    del importance
-    return torch.where(keep, x, b)
+class FusionStream(Streamed):
+    """``arcee_fusion`` over chunks of whole rows (the KL is per row). One statistics pass
+    computes each chunk's importances and keeps the ones the quantiles are taken of: every
+    one up to ``QUANTILE_SAMPLES`` entries (at most that many float32 values), else the
+    entries at the ``QUANTILE_SAMPLES`` indices drawn up front from the generator, exactly
+    those of the whole-tensor draw (sorted once, so each chunk picks its own by a binary
+    search; the multiset, hence the sorted values, is the same). Then each chunk keeps
+    ``x`` where its importance (recomputed, the same bits) reaches the threshold."""
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], rng: Any = None) -> None:
+        numel = math.prod(shape)
+        self.row = max(shape[-1], 1) if shape else 1
+        self.passes = 1
+        self.threshold = 0.0
+        self._at = 0  # the flat index of the next chunk
+        self._picks: Tensor | None = None
+        if numel > QUANTILE_SAMPLES:
+            if rng is None:
+                raise ValueError("arcee_fusion needs a generator to sample quantiles, got None")
+            drawn = torch.randint(numel, (QUANTILE_SAMPLES,), generator=rng)
+            self._picks = torch.sort(drawn).values
+        self._values = torch.empty(min(numel, QUANTILE_SAMPLES), dtype=torch.float32)
+
+    def _importance(self, xs: list[Tensor], base: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        x, b = _pair("arcee_fusion", xs, base)
+        rows = (-1, self.row)
+        return x, b, fusion_importance(x.view(rows), b.view(rows)).view(-1)
+
+    def observe(self, step: int, xs: list[Tensor], base: Tensor | None) -> None:
+        _, _, importance = self._importance(xs, base)
+        start, stop = self._at, self._at + importance.numel()
+        self._at = stop
+        importance = importance.to(self._values.device)
+        if self._picks is None:
+            self._values[start:stop] = importance
+            return
+        bounds = torch.tensor([start, stop], dtype=self._picks.dtype)
+        lo, hi = (int(i) for i in torch.searchsorted(self._picks, bounds))
+        self._values[lo:hi] = importance[self._picks[lo:hi] - start]
+
+    def end_pass(self, step: int) -> None:
+        if self._values.numel():
+            self.threshold = iqr_threshold(self._values, None)
+        self._values = torch.empty(0)
+
+    def apply(self, xs: list[Tensor], base: Tensor | None) -> Tensor:
+        x, b, importance = self._importance(xs, base)
+        return torch.where(importance >= self.threshold, x, b)
+
+
+arcee_fusion = whole(
+    FusionStream,
+    "arcee_fusion",
+    "The other model's entries whose importance reaches the IQR threshold; the base elsewhere.",
+)
 
 
 NEARSWAP = Method(
@@ -156,7 +209,8 @@ ARCEE_FUSION = Method(
     paper=_ARCEE_FUSION_POST,
     description="take the other model's entries whose change and row KL divergence stand out",
     random=True,
-    workspace=(0.0, 2.5),
+    workspace=(0.0, 5.0),
+    stream=FusionStream,
     fixes="the row KL is computed in float64: mergekit's float32 KL between a model and its "
     "fine-tune is off by up to ~4e-3 relative, which moves the threshold",
 )

@@ -11,11 +11,12 @@ import difflib
 
 from merge.methods.adaptive import MODEL_STOCK, SCE
 from merge.methods.base import Method
+from merge.methods.karcher import KARCHER
 from merge.methods.linear import LINEAR, PASSTHROUGH
 from merge.methods.pairwise import ARCEE_FUSION, NEARSWAP
 from merge.methods.ram import RAM, RAMPLUS_TL
 from merge.methods.slerp import SLERP
-from merge.methods.spherical import KARCHER, MULTISLERP, NUSLERP
+from merge.methods.spherical import MULTISLERP, NUSLERP
 from merge.methods.task_family import (
     BREADCRUMBS,
     BREADCRUMBS_TIES,
