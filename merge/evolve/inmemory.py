@@ -93,6 +93,7 @@ class InMemoryMerger:
         self._device = device_name(device)
         self._resources = Resources.resolve(threads, max_memory, self._device)
         self._seed, self._crimes, self._strict = seed, allow_crimes, strict_finite
+        self._scanned = False  # whether a merge has checked the inputs for NaN/Inf
         self._warn = warn
         self._warned: set[str] = set()
         with applied(**self._settings):
@@ -169,9 +170,11 @@ class InMemoryMerger:
         p = self.plan(recipe)
         model = self.model()
         sink = ParamSink(self._slots, self._specs)
-        finite = FiniteCheck(self._strict, self._warn)
+        # The inputs never change between candidates: check them in the first merge only.
+        finite = FiniteCheck(self._strict, self._warn, scan=not self._scanned)
         with applied(**self._settings):
             execute_into(p, sink, progress=False, resources=self._resources, finite=finite)
+        self._scanned = True
         sink.close()
         return model
 
