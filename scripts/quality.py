@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _quality_train as qt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+EVOLVE = [sys.executable, "-m", "merge.cli", "evolve"]
 FT = {"weight": 1.0}
 SPARSE = {"weight": 1.0, "density": 0.5}
 # name -> (method, per-model parameters, global parameters); every one but linear has the base.
@@ -150,10 +151,8 @@ def row(name: str, kind: str, accuracy: dict[str, float] | None, note: str = "")
     return {"name": name, "kind": kind, "accuracy": accuracy, "mean": average, "note": note}
 
 
-def evolve_available(python: str) -> bool:
-    done = subprocess.run(
-        [python, "-m", "merge.cli", "evolve", "--help"], capture_output=True, cwd=ROOT
-    )
+def evolve_available(command: list[str]) -> bool:
+    done = subprocess.run([*command, "--help"], capture_output=True, cwd=ROOT)
     return done.returncode == 0
 
 
@@ -179,14 +178,14 @@ def run_evolve(
     run_dir: Path, paths: dict[str, Path], validation: dict[str, Path], args: argparse.Namespace
 ) -> tuple[Path | None, str]:
     """(best recipe, note): ``merge evolve`` on the genome, or None and why not."""
-    python = sys.executable
-    if not evolve_available(python):
+    evolve = shlex.split(args.evolve_command) if args.evolve_command else EVOLVE
+    if not evolve_available(evolve):
         return None, "evolve: not available"
     evolve_dir = run_dir / "evolve"
     evolve_dir.mkdir(parents=True, exist_ok=True)
     genome_file = evolve_dir / "genome.yaml"
     genome_file.write_text(yaml.safe_dump(genome(paths, validation), sort_keys=False))
-    command = [python, "-m", "merge.cli", "evolve", str(genome_file)]
+    command = [*evolve, str(genome_file)]
     command += ["--storage-path", str(evolve_dir / "storage"), *shlex.split(args.evolve_args)]
     log("$ " + shlex.join(command))
     done = subprocess.run(command, cwd=ROOT)
@@ -263,6 +262,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--evolve-args",
         default="--max-evals 40 --seed 0",
         help="options for `merge evolve` (default: --max-evals 40 --seed 0)",
+    )
+    p.add_argument(
+        "--evolve-command",
+        help="the evolve command to run (default: this python's `-m merge.cli evolve`)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
