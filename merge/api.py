@@ -38,9 +38,10 @@ from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_
 from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_NAME
 from merge.card.output import write as write_card_files
 from merge.errors import OutputError
-from merge.execute import Resources, execute
+from merge.execute import execute
 from merge.finite import FiniteCheck
 from merge.hub import check_download_space
+from merge.inputstate import check_models, journal_inputs, resume_problems
 from merge.jobs import Plan
 from merge.links import TAGALONG_FILES, inside
 from merge.memory import MemoryPlan, memory_plan
@@ -48,10 +49,12 @@ from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
+from merge.resources import Resources
 from merge.resume import (
     Journal,
     clear_for_resume,
     interrupted,
+    journal_header,
     leftover_problems,
     partial_dir,
     plan_identity,
@@ -356,13 +359,16 @@ def run(
                 warn(w)
         _check_output(first, target, overwrite, resume)
         with _downloaded(first, again, progress) as p:
+            inputs_now = journal_inputs(p.models)
+            if resume:
+                _check_resumable(target, inputs_now)
             _check_tokenizer(p, copy_tokenizer)
             computed = _gates(p, progress, warn, info)
             hashes = InputHashes(p.models)
             try:
                 with (
                     AtomicOutput(target, overwrite, partial=True, resume=resume) as tmp,
-                    Journal(tmp, plan_identity(p)) as journal,
+                    Journal(tmp, plan_identity(p), inputs_now) as journal,
                 ):
                     kept = _kept(p, tmp) if resume else None
                     journal.start(kept or {})
@@ -382,6 +388,7 @@ def run(
                     inputs = hashes.result()
                     if write_card:
                         _write_card(p, tmp, inputs, license, warn)
+                    check_models(p.models)  # the inputs as they were when planned
                     journal.remove()
                     _write_manifest(p, tmp, inputs, lock_sha256, build_key)
             except KeyboardInterrupt:
@@ -422,6 +429,16 @@ def _write_manifest(
         build_key=build_key,
     )
     write_manifest(tmp, manifest)
+
+
+def _check_resumable(target: Path, inputs: dict[str, list[int]]) -> None:
+    """An interrupted run's leftovers are resumed only with the inputs it read, unchanged."""
+    part = partial_dir(target)
+    header = journal_header(part) if part.is_dir() else None
+    if header is not None:
+        problems = resume_problems(part, header.get("inputs"), inputs)
+        if problems:
+            raise OutputError(problems)
 
 
 def _kept(p: Plan, tmp: Path) -> dict[str, str]:

@@ -90,14 +90,14 @@ def count_layers(names: Iterable[str]) -> int:
 
 def config_disagreements(
     config: dict[str, Any], shapes: Mapping[str, Sequence[int]]
-) -> list[tuple[str, int, int, str]]:
+) -> list[tuple[str, int | str, int, str]]:
     """Where a plain (single-module) config disagrees with its tensors: ``(key, config value,
     tensors' value, what the tensors count)`` for the layer count and ``vocab_size`` (the token
     embedding's rows). Configs with a ``text_config`` or ``vision_config`` are not judged, nor
     layer counts of models with extra prediction layers (``num_nextn_predict_layers``)."""
     if isinstance(config.get("text_config"), dict) or isinstance(config.get("vision_config"), dict):
         return []
-    found = []
+    found: list[tuple[str, int | str, int, str]] = []
     counted = count_layers(shapes)
     for key in LAYER_COUNT_KEYS:
         value = config.get(key)
@@ -105,12 +105,21 @@ def config_disagreements(
             if counted and value != counted and not config.get("num_nextn_predict_layers"):
                 found.append((key, value, counted, "layers"))
             break
+        if value is not None and counted:  # "four", 4.0, a list: no model loads it
+            found.append((key, repr(value), counted, "layers"))
+            break
     vocab, embed = config.get("vocab_size"), embedding_name(shapes)
-    if isinstance(vocab, int) and not isinstance(vocab, bool) and embed is not None:
-        rows = shapes[embed][0] if len(shapes[embed]) == 2 else vocab
-        if rows != vocab:
-            found.append(("vocab_size", vocab, rows, f"rows in '{embed}'"))
+    if embed is not None and len(shapes[embed]) == 2:
+        rows = shapes[embed][0]
+        if vocab is not None and (not _is_int(vocab) or rows != vocab):
+            found.append(
+                ("vocab_size", vocab if _is_int(vocab) else repr(vocab), rows, f"rows in '{embed}'")
+            )
     return found
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def ties_embeddings(config: dict[str, Any]) -> bool:

@@ -7,10 +7,16 @@ headers: for safetensors the 8-byte length + JSON header is parsed here directly
 touched, so a 70B model opens in milliseconds); for torch ``.bin`` files ``torch.load`` runs with
 ``mmap=True`` so the pickle metadata is read and the data stays mapped until used. Everything
 the planner needs (names, shapes, dtypes, sizes, which file) is in ``Checkpoint.tensors``.
-``Checkpoint.read`` then returns one tensor at a time in its stored dtype on the CPU, through
-``safetensors.safe_open`` handles cached per file; ``Checkpoint.view`` returns it without
-copying, straight from a private memory map of the file (the executor reads tensors chunk by
-chunk through these views, so only page cache backs the inputs).
+``Checkpoint.read`` then returns one tensor at a time in its stored dtype on the CPU, and
+``Checkpoint.read_range`` a flat range of its elements (the executor streams tensors chunk by
+chunk through it); for safetensors both read with ``os.preadv`` on a descriptor kept per file
+into a fresh buffer, so a file truncated under the run is a short read, never a SIGBUS from a
+mapped page past its end. ``Checkpoint.view`` still gives the zero-copy private memory map of
+a tensor for callers that want one (the executor does not).
+
+``Checkpoint.open`` records every weight file's size, mtime and inode (``merge.inputstate``)
+before it reads a header; each read checks the file against that stamp before and after, and a
+change is a ``CheckpointError`` naming the model, the file and what changed.
 
 ``Checkpoint.open`` can also be given weight files that are not on disk yet and a reader of
 their headers: ``merge.hub.remote`` plans Hub models so, from headers read over the network.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 import threading
 import zipfile
@@ -41,6 +48,7 @@ import torch
 
 from merge import architecture as arch
 from merge.errors import CheckpointError
+from merge.inputstate import Stamp, changed_error, check, stamp
 from merge.links import check_folder, inside
 
 SAFE_SINGLE = "model.safetensors"
@@ -87,6 +95,21 @@ def _where(label: str, path: Path) -> str:
 # --- safetensors headers ---------------------------------------------------------------------
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: a tensor named twice in a header would
+    otherwise be the last of its entries, and the first one's bytes nobody's."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header (and nothing else) into ``TensorInfo`` entries."""
     where = _where(label, path)
@@ -106,7 +129,9 @@ def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read: {e.strerror or e}") from e
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{where}: corrupt header: {e.args[0]!r} is given twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{where}: corrupt header: not valid JSON ({e})") from e
     except RecursionError:
@@ -320,8 +345,23 @@ class TensorSource:
         return None
 
     def can_view(self, name: str) -> bool:
-        """Whether ``view(name)`` gives a tensor (known from headers, without mapping)."""
+        """Whether ``view(name)`` and ``read_range(name, ...)`` work (known from headers)."""
         return False
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened stored tensor (stored dtype); where
+        ``can_view(name)``. By default a slice of ``view``."""
+        whole = self.view(name)
+        if whole is None:  # pragma: no cover - callers check can_view
+            raise RuntimeError(f"tensor '{name}' cannot be read by ranges")
+        return whole.reshape(-1)[start:stop]
+
+    def stamps(self) -> dict[Path, Stamp]:
+        """The weight files read from disk and their stamps at open (``merge.inputstate``)."""
+        return {}
+
+    def check_inputs(self) -> None:
+        """Raise ``CheckpointError`` if a weight file changed since open."""
 
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -366,7 +406,8 @@ class Checkpoint(TensorSource):
         self.tensors = tensors
         self.format: Format = format
         self._bin = bin_tensors or {}
-        self._handles: dict[Path, Any] = {}
+        self._stamps: dict[Path, Stamp] = {}
+        self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
@@ -398,6 +439,7 @@ class Checkpoint(TensorSource):
         weight_map = _read_index(entry, label, listed) if index else None
         files = sorted(set(weight_map.values())) if weight_map is not None else [entry]
         check_folder(directory, label, files)
+        stamps = {f: st for f in files if (st := stamp(f)) is not None}
         tensors = headers(files, label) if fmt == "safetensors" else {}
         bin_tensors: dict[str, torch.Tensor] = {}
         for file in files if fmt == "bin" else []:
@@ -406,7 +448,9 @@ class Checkpoint(TensorSource):
             tensors.update({k: _bin_info(k, t, file) for k, t in loaded.items()})
         if weight_map is not None:
             _check_index(weight_map, tensors, _where(label, entry))
-        return cls(directory, label, config, tensors, fmt, bin_tensors)
+        ckpt = cls(directory, label, config, tensors, fmt, bin_tensors)
+        ckpt._stamps = stamps
+        return ckpt
 
     def read(self, name: str) -> torch.Tensor:
         """Load one tensor (stored dtype, CPU).
@@ -414,12 +458,76 @@ class Checkpoint(TensorSource):
         safetensors reads return a fresh tensor; .bin reads return the tensor zero-copy from a
         private (copy-on-write) mapping: the file is safe, but do not mutate it in place.
         """
+        info = self._info(name)
+        if self.format == "bin":
+            self._check(info.file)
+            return self._bin[name]
+        return self._pread(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, read into a fresh buffer
+        (safetensors), or sliced from the mapped .bin tensor."""
+        info = self._info(name)
+        if self.format == "bin":
+            self._check(info.file)
+            return self._bin[name].reshape(-1)[start:stop]
+        size = info.dtype.itemsize
+        stop = max(start, min(stop, info.nbytes // size))
+        data = self._pread(info, start * size, (stop - start) * size)
+        return data.view(info.dtype)
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"model '{self.label}' has no tensor '{name}'")
-        if self.format == "bin":
-            return self._bin[name]
-        return self._handle(info.file).get_tensor(name)
+        return info
+
+    def _check(self, file: Path) -> None:
+        before = self._stamps.get(file)
+        if before is not None:
+            check(self.label, file, before)
+
+    def _pread(self, info: TensorInfo, begin: int, count: int) -> torch.Tensor:
+        """``count`` bytes from ``begin`` of ``info``'s data, checked against the file's stamp
+        before and after (a short read is a truncated file)."""
+        out = torch.empty(count, dtype=torch.uint8)
+        if count == 0:
+            return out
+        self._check(info.file)
+        buf = memoryview(out.numpy())  # type: ignore[arg-type]
+        fd, pos = self._fd(info.file), info.offset + begin
+        got = 0
+        try:
+            while got < count:
+                n = os.preadv(fd, [buf[got:]], pos + got)
+                if n == 0:
+                    break
+                got += n
+        except OSError as e:
+            raise CheckpointError(f"{_where(self.label, info.file)}: cannot read: {e}") from e
+        self._check(info.file)
+        if got < count:  # truncated, though the stamp did not say so (no stamp: not opened)
+            raise changed_error(self.label, info.file, f"it ends {count - got} bytes early")
+        return out
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"{_where(self.label, file)}: cannot read: {e.strerror or e}"
+                    ) from e
+            return fd
+
+    def stamps(self) -> dict[Path, Stamp]:
+        return dict(self._stamps)
+
+    def check_inputs(self) -> None:
+        for file in self._stamps:
+            self._check(file)
 
     def view(self, name: str) -> torch.Tensor:
         """The stored tensor, zero-copy: from a private (copy-on-write) map of its safetensors
@@ -428,6 +536,7 @@ class Checkpoint(TensorSource):
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"model '{self.label}' has no tensor '{name}'")
+        self._check(info.file)
         if self.format == "bin":
             return self._bin[name]
         if info.nbytes == 0:
@@ -452,19 +561,12 @@ class Checkpoint(TensorSource):
                 self._maps[file] = mapped
             return mapped
 
-    def _handle(self, file: Path) -> Any:
-        with self._lock:
-            handle = self._handles.get(file)
-            if handle is None:
-                from safetensors import safe_open
-
-                handle = self._handles[file] = safe_open(str(file), framework="pt")
-            return handle
-
     def close(self) -> None:
-        """Drop file handles and mapped .bin tensors."""
+        """Close file descriptors; drop maps and mapped .bin tensors."""
         with self._lock:
-            self._handles.clear()
+            fds, self._fds = self._fds, {}
+            for fd in fds.values():
+                os.close(fd)
             self._maps.clear()  # a map closes once no view holds it
         self._bin = {}
 

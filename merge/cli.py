@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from merge import __version__, clibuild, clieval
+from merge import __version__, clibuild, clieval, clievolve
 from merge import clipublish as pub
 from merge import options as opt
 from merge.clihelp import (  # noqa: F401 (_startup: main's state, tests patch it here)
@@ -122,7 +122,7 @@ def run(
     from merge.api import default_output
     from merge.build.multistage import Settings
     from merge.build.runner import run_file
-    from merge.execute import Resources
+    from merge.resources import Resources
     from merge.resume import stop_on_signals
     from merge.settings import device_name
 
@@ -234,8 +234,8 @@ def plan(
     from merge.build import multistage as ms
     from merge.build.stagerun import stage_folders
     from merge.build.stages import Stages, load
-    from merge.execute import Resources
     from merge.report import plan_json, plan_text
+    from merge.resources import Resources
 
     def go() -> Any:
         resources = Resources.resolve(threads, max_memory)
@@ -290,6 +290,7 @@ def methods(
 
 clibuild.register(app)  # verify, lock, outdated, rebuild: listed after these
 clieval.register(app)  # eval
+clievolve.register(app)  # evolve
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def rebuild(
     from merge.build.multistage import Settings
     from merge.build.rebuild import rebuild as bring_up_to_date
     from merge.build.runner import run_file
-    from merge.execute import Resources
+    from merge.resources import Resources
     from merge.settings import device_name
 
     publishing = pub.Publishing(

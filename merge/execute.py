@@ -9,11 +9,11 @@ passes (``merge.globaltrim``) that find each model's exact magnitude threshold; 
 parameters then carry the thresholds.
 
 Most jobs are streamed (``merge.memory.streamed``): copies and methods with a chunked form
-(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk from zero-copy
-memory maps and write each cast output chunk straight to its place in the shard, so a job
-holds a few chunk-sized buffers whatever the tensor's size. Other jobs (vocabulary alignment,
-LoRA-updated inputs, methods without a chunked form, MoE noise) read whole tensors and call
-``Method.fn``.
+(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
+cast output chunk straight to its place in the shard, so a job holds a few chunk-sized buffers
+whatever the tensor's size. Chunks are read with ``preadv`` (``Checkpoint.read_range``), not
+from memory maps: see ``merge.inputstate``. Other jobs (vocabulary alignment, LoRA-updated
+inputs, methods without a chunked form, MoE noise) read whole tensors and call ``Method.fn``.
 
 Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
 within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
@@ -27,6 +27,10 @@ MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (se
 output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
 ready-made in ``computed`` (name -> float32 tensor) and only casts.
 
+``execute`` writes the outputs as shards (``merge.writer.ShardWriter``); ``execute_into``
+hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
+``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
+
 What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
 MoE noise and the global-trim statistics passes on the GPU.
 """
@@ -37,29 +41,27 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-from merge.errors import CheckpointError, ComputeError, MergeError
-from merge.finite import FiniteCheck, InputChunks
+from merge.errors import CheckpointError, ComputeError
+from merge.finite import FiniteCheck, InputChunks, InputTally
 from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
-    DEFAULT_FRACTION,
-    available_memory,
-    default_threads,
     job_order,
     job_peak_bytes,
     streamed,
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
+from merge.resources import Resources
+from merge.sink import TensorSink
 from merge.vocab import align
-from merge.writer import ShardWriter, parse_size
+from merge.writer import ShardWriter
 
 if TYPE_CHECKING:
     from merge.resume import Journal
@@ -106,35 +108,55 @@ def read_inputs(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.T
     return tensors, base
 
 
-def _view(plan: Plan, model: str, name: str) -> torch.Tensor:
-    """A flat zero-copy view of one tensor (stored dtype)."""
-    try:
-        tensor = plan.models[model].checkpoint.view(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a file that cannot be mapped
-        raise CheckpointError(f"model '{model}': cannot read tensor '{name}': {e}") from None
-    if tensor is None:  # pragma: no cover - merge.memory.streamed checked can_view
-        raise RuntimeError(f"'{name}' of model '{model}' cannot be mapped")
-    return tensor.reshape(-1)
+class Flat:
+    """One input tensor, flattened, read by slices (``flat[start:stop]``: a fresh tensor in
+    the stored dtype, from ``TensorSource.read_range``)."""
+
+    def __init__(self, plan: Plan, model: str, name: str) -> None:
+        self.source = plan.models[model].checkpoint
+        self.model, self.name = model, name
+        self.dtype = self.source.tensors[name].dtype
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        try:
+            return self.source.read_range(self.name, span.start, span.stop)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a corrupt file that passed header checks
+            raise CheckpointError(
+                f"model '{self.model}': cannot read tensor '{self.name}': {e}"
+            ) from None
 
 
-def _views(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Flat zero-copy views of a streamed job's inputs and base (stored dtype)."""
+def _view(plan: Plan, model: str, name: str) -> Flat:
+    """One tensor of a streamed job, read by slices (stored dtype)."""
+    return Flat(plan, model, name)
+
+
+def _views(plan: Plan, job: TensorJob) -> tuple[list[Flat], Flat | None]:
+    """A streamed job's inputs and base, read by slices (stored dtype)."""
     xs = [_view(plan, i.model, i.name) for i in job.inputs]
     return xs, _view(plan, job.base.model, job.base.name) if job.base else None
 
 
-def _chunk_reader(plan: Plan, job: TensorJob, stored: bool = False) -> Callable[[int, int], Any]:
+def _chunk_reader(
+    plan: Plan, job: TensorJob, stored: bool = False, tally: InputTally | None = None
+) -> Callable[[int, int], Any]:
     """``read(start, stop)``: chunks of a streamed job's inputs and base, as float32 (with
-    ``stored``: floating inputs as stored, for streams that only subtract the float32 base)."""
+    ``stored``: floating inputs as stored, for streams that only subtract the float32 base);
+    a ``tally`` sees each chunk as stored (``merge.finite``)."""
     xs, base = _views(plan, job)
     f32 = torch.float32
     keep = [stored and x.dtype.is_floating_point for x in xs]
+    models = _models(job)
 
     def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        chunk_base = None if base is None else base[start:stop].to(f32)
+        raw_base = None if base is None else base[start:stop]
         parts = [x[start:stop] for x in xs]
+        if tally is not None:
+            held = [*parts, *([raw_base] if raw_base is not None else [])]
+            tally(start, list(zip(models, held, strict=True)))
+        chunk_base = None if raw_base is None else raw_base.to(f32)
         return [p if k else p.to(f32) for p, k in zip(parts, keep, strict=True)], chunk_base
 
     return read
@@ -161,8 +183,8 @@ def _models(job: TensorJob) -> list[str]:
 
 
 def _input_chunks(plan: Plan, job: TensorJob) -> InputChunks:
-    """A job's inputs and base as (model, values), chunk by chunk from the memory maps where
-    they can be mapped, else whole (only read when an output chunk is not finite)."""
+    """A job's inputs and base as (model, values), chunk by chunk (``Flat``) where
+    they can be read by ranges, else whole (only read when an output chunk is not finite)."""
     reads = [*job.inputs, *([job.base] if job.base else [])]
 
     def chunks() -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -194,9 +216,9 @@ def _agree(job: TensorJob, tensor: torch.Tensor, others: list[torch.Tensor]) -> 
 
 
 def _stream_job(
-    plan: Plan, job: TensorJob, params: dict[str, Any], writer: ShardWriter, finite: FiniteCheck
+    plan: Plan, job: TensorJob, params: dict[str, Any], writer: TensorSink, finite: FiniteCheck
 ) -> None:
-    """Run a streamed job: chunks from the memory maps, each output chunk to its shard."""
+    """Run a streamed job: chunks read from the files, each output chunk to its shard."""
     models, inputs = _models(job), _input_chunks(plan, job)
     if job.copy:
         (view,), _ = _views(plan, job)
@@ -208,7 +230,7 @@ def _stream_job(
             finite.chunk(job.name, part, cast, models, inputs)
             writer.write_part(job.name, start, cast)
         return
-    finite.inputs(job.name, inputs)  # a copy's output check sees its input whole
+    tally = finite.tally(job.name, inputs)  # a copy's output check sees its input whole
     stream = plan.method.stream
     assert stream is not None
     state = stream(params, job.shape, _rng(plan, job))
@@ -218,7 +240,9 @@ def _stream_job(
         finite.chunk(job.name, chunk, cast, models, inputs)
         writer.write_part(job.name, start, cast)
 
-    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs), emit)
+    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs, tally), emit)
+    if tally is not None:
+        tally.done()
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
@@ -349,49 +373,6 @@ def _trim_params(plan: Plan, show: bool, res: Resources) -> dict[str, dict[str, 
     return {j.name: p for j, p in zip(jobs, trim.allot(jobs, counts), strict=True)}
 
 
-@dataclass(frozen=True)
-class Resources:
-    """How a run may use the machine: worker ``threads``, the memory ``budget`` in bytes
-    (estimated tensor data in flight) and the ``device`` of the method math (``None``: the
-    CPU, with no transfers; ``torch.device("cpu")`` takes the transfer path, for tests)."""
-
-    threads: int
-    budget: int
-    device: torch.device | None = None
-
-    @classmethod
-    def resolve(
-        cls, threads: int | None = None, max_memory: str | int | None = None, device: str = "cpu"
-    ) -> Resources:
-        """From the CLI options; defaults: every available core, half the available RAM."""
-        if threads is not None and threads < 1:
-            raise MergeError(f"--threads must be at least 1, got {threads}")
-        if max_memory is None:
-            budget = int(DEFAULT_FRACTION * available_memory())
-        else:
-            try:
-                budget = parse_size(max_memory, "--max-memory")
-            except ValueError as e:
-                raise MergeError(str(e)) from None
-        return cls(threads or default_threads(), budget, _device(device))
-
-
-def _device(name: str) -> torch.device | None:
-    if name == "cpu":
-        return None
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type != "cuda":
-        raise MergeError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
-    if not torch.cuda.is_available():
-        raise MergeError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise MergeError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
-
-
 def execute(
     plan: Plan,
     directory: Path,
@@ -409,11 +390,48 @@ def execute(
     output chunk (``merge.finite``; default: warnings dropped, not strict). ``journal``
     records each finished tensor; ``resume`` (an interrupted run's journaled tensors) skips
     those whose bytes in ``directory`` still hash as recorded (``merge.resume``)."""
-    res = resources or Resources.resolve()
-    check = finite or FiniteCheck()
-    keep_freed_memory()
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
+    res = resources or Resources.resolve()
     show = progress and sys.stderr.isatty()
+    keep_freed_memory()
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res)
+        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
+        with writer:
+            _run_into(plan, writer, trimmed, show, computed, res, finite)
+
+
+def execute_into(
+    plan: Plan,
+    sink: TensorSink,
+    *,
+    progress: bool = True,
+    computed: Mapping[str, torch.Tensor] | None = None,
+    resources: Resources | None = None,
+    finite: FiniteCheck | None = None,
+) -> None:
+    """``execute`` with every output tensor handed to ``sink`` instead of shards: the same
+    jobs, parameters, seeds and casts, so the sink receives the bytes ``execute`` writes.
+    The caller opens and closes (checks) the sink."""
+    res = resources or Resources.resolve()
+    show = progress and sys.stderr.isatty()
+    keep_freed_memory()
+    with single_intra_op():
+        trimmed = _trim_params(plan, show, res)
+        _run_into(plan, sink, trimmed, show, computed, res, finite)
+
+
+def _run_into(
+    plan: Plan,
+    sink: TensorSink,
+    trimmed: dict[str, dict[str, Any]],
+    show: bool,
+    computed: Mapping[str, torch.Tensor] | None,
+    res: Resources,
+    finite: FiniteCheck | None,
+) -> None:
+    """Run every job not in ``sink.done`` on the worker pool, each output into ``sink``."""
+    check = finite or FiniteCheck()
     mover = Mover(res.device) if res.device is not None else None
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
     bar = tqdm(
@@ -425,24 +443,20 @@ def execute(
         file=sys.stderr,
     )
     lock = threading.Lock()
+    with bar:
+        bar.update(sink.written_bytes)
 
-    with single_intra_op():
-        trimmed = _trim_params(plan, show, res)
-        writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
-        with writer, bar:
-            bar.update(writer.written_bytes)
+        def work(i: int) -> None:
+            job = plan.jobs[i]
+            params = trimmed.get(job.name, job.params)
+            if mover is None and streamed(job, plan.models, plan.method):
+                _stream_job(plan, job, params, sink, check)
+            else:
+                out = run_job(plan, job, params, computed, mover=mover, finite=check)
+                sink.write(job.name, out)
+            sink.finish(job.name)
+            with lock:
+                bar.update(job.numel * job.dtype.itemsize)
 
-            def work(i: int) -> None:
-                job = plan.jobs[i]
-                params = trimmed.get(job.name, job.params)
-                if mover is None and streamed(job, plan.models, plan.method):
-                    _stream_job(plan, job, params, writer, check)
-                else:
-                    out = run_job(plan, job, params, computed, mover=mover, finite=check)
-                    writer.write(job.name, out)
-                writer.finish(job.name)
-                with lock:
-                    bar.update(job.numel * job.dtype.itemsize)
-
-            order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in writer.done]
-            run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
+        order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in sink.done]
+        run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)

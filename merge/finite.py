@@ -110,6 +110,11 @@ class FiniteCheck:
             return
         self._report(name, counts)
 
+    def tally(self, name: str, inputs: InputChunks) -> InputTally | None:
+        """With ``scan``: the input check of a streamed tensor, fed each chunk as the merge
+        reads it (no second read)."""
+        return InputTally(self, name, inputs) if self.scan else None
+
     def _report(self, name: str, counts: dict[str, int]) -> None:
         """NaN/Inf in the inputs of tensor ``name`` (each model's count): an error under
         ``strict``, else a warning, once per tensor."""
@@ -128,6 +133,34 @@ class FiniteCheck:
                 f"tensor '{name}': the inputs hold NaN/Inf values ({found}); merged as they "
                 "are (--strict-finite makes this an error)"
             )
+
+
+class InputTally:
+    """NaN/Inf counts of one streamed tensor's inputs, chunk by chunk as the merge reads them
+    (``tally(start, pairs)``; a chunk read again by a later pass counts once), reported by
+    ``done``; under ``strict`` the first bad chunk is an error at once, with exact counts."""
+
+    def __init__(self, check: FiniteCheck, name: str, inputs: InputChunks) -> None:
+        self.check, self.name, self.inputs = check, name, inputs
+        self.counts: dict[str, int] = {}
+        self._seen: set[int] = set()
+
+    def __call__(self, start: int, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        if start in self._seen:
+            return
+        self._seen.add(start)
+        for model, values in pairs:
+            if not values.dtype.is_floating_point or _finite_sum(values):
+                continue
+            if self.check.strict:
+                self.check._report(self.name, _nonfinite_inputs(self.inputs))
+            n = int((~torch.isfinite(values)).sum())
+            if n:
+                self.counts[model] = self.counts.get(model, 0) + n
+
+    def done(self) -> None:
+        if self.counts:
+            self.check._report(self.name, self.counts)
 
 
 def _finite_sum(values: torch.Tensor) -> bool:

@@ -74,8 +74,9 @@ def inside(path: Path, folder: Path, label: str | None = None) -> Path:
     if target == root or root in target.parents:
         return path
     who = f"model '{label}' ({path})" if label is not None else f"{path}"
+    what = "is a symbolic link to" if path.is_symlink() else "leads to"  # "../x" names
     raise CheckpointError(
-        f"{who}: is a symbolic link to '{target}', outside the model folder; "
+        f"{who}: {what} '{target}', outside the model folder; "
         "refused (copy the file into the folder)"
     )
 

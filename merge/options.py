@@ -303,7 +303,7 @@ LazyUnpickle = Annotated[
     bool | None,
     noop(
         "--lazy-unpickle/--no-lazy-unpickle",
-        reason="inputs are always read lazily through memory maps",
+        reason="inputs are always read lazily, tensor by tensor or chunk by chunk",
     ),
 ]
 LowCpuMemory = Annotated[

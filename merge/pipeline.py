@@ -5,8 +5,8 @@ them in the given order (``merge.memory.job_order``: the most work first). Job `
 when fewer than ``threads`` jobs are running and the estimated bytes of the running jobs plus
 job ``i``'s fit the budget, or nothing else is running (a job larger than the budget runs
 alone, never a deadlock). Workers read their inputs and write their output chunks themselves
-(``merge.writer.ShardWriter`` writes at planned offsets in any order), so reading (page faults
-on the memory maps), computing and writing overlap across workers with nothing held between
+(``merge.writer.ShardWriter`` writes at planned offsets in any order), so reading (``preadv`` of
+input chunks), computing and writing overlap across workers with nothing held between
 jobs.
 
 Determinism: torch's CPU reductions (``sum``, ``dot``) split work by the number of intra-op

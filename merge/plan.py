@@ -16,6 +16,8 @@ donor, with the layer counts of the modules built from slices and the output voc
 
 from __future__ import annotations
 
+import re
+
 from merge import architecture as arch
 from merge import modules as mods
 from merge.crimes import check_architectures, escape
@@ -156,6 +158,39 @@ def _config_problems(recipe: Recipe, models: dict[str, Model]) -> list[str]:
     return problems
 
 
+_TENSOR_PROBLEM = re.compile(r"tensor '([^']*)': (.*)", re.DOTALL)
+
+
+def collapse_by_tensor(problems: list[str]) -> list[str]:
+    """One line per distinct problem: ``tensor 'A': p`` for many tensors with the same ``p``
+    (a recipe-wide cause, such as a weight or a density) becomes
+    ``tensor 'A' and 38 other tensors: p``, where the first of them stood."""
+    groups: dict[str, list[str]] = {}
+    order: list[str | None] = []
+    lines: list[str] = []
+    for problem in problems:
+        match = _TENSOR_PROBLEM.fullmatch(problem)
+        if match is None:
+            order.append(None)
+            lines.append(problem)
+            continue
+        name, rest = match.groups()
+        if rest not in groups:
+            groups[rest] = []
+            order.append(rest)
+        groups[rest].append(name)
+    out, plain = [], iter(lines)
+    for rest in order:
+        if rest is None:
+            out.append(next(plain))
+            continue
+        names = groups[rest]
+        more = len(names) - 1
+        others = f" and {more} other tensor{'s' if more > 1 else ''}" if more else ""
+        out.append(f"tensor '{names[0]}'{others}: {rest}")
+    return out
+
+
 def make_plan(
     recipe: Recipe,
     models: dict[str, Model],
@@ -170,6 +205,11 @@ def make_plan(
     donor = _config_donor(recipe)
     ctx = Ctx(recipe, models, tokenizer_setting=has_setting(recipe), donor=donor)
     ctx.problems.extend(_config_problems(recipe, models))
+    if not models[donor].checkpoint.config:
+        ctx.problems.append(
+            f"{recipe.file}: model '{donor}' has no config.json (or an empty one), and the "
+            "output's config.json is made from it; add the model's config.json"
+        )
     tok_donor = _tokenizer_donor(recipe, donor)
     implicit = not ctx.tokenizer_setting and sizes_differ(models)
     if ctx.tokenizer_setting or implicit:  # implicit: as tokenizer_source: base (merge.vocab)
@@ -179,7 +219,7 @@ def make_plan(
     allowed = escape(recipe, allow_crimes)
     crimes = check_architectures(recipe, models, allowed, ctx.problems, ctx.missing)
     if ctx.problems:
-        problems = list(dict.fromkeys(ctx.problems))
+        problems = collapse_by_tensor(list(dict.fromkeys(ctx.problems)))
         if len(problems) > MAX_LISTED:
             problems = problems[:MAX_LISTED] + [f"... and {len(problems) - MAX_LISTED} more"]
         raise PlanError(problems)

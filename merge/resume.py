@@ -13,8 +13,13 @@ recomputes the rest; the result is bit-identical to an uninterrupted run. While 
 it holds an exclusive ``flock`` on the journal, so a second run into the same OUT is told that
 one is running instead of taking its leftovers.
 
-What it does not do: notice that an input model's weights changed between the interrupted run
-and the resume when their shapes did not (the identity covers the plan, not the input bytes).
+The header also records the inputs (``merge.inputstate.journal_inputs``: each weight file's
+resolved path, size and mtime); ``journal_header`` reads it back, and a resume after an input
+changed is refused naming the file (``merge.inputstate.resume_problems``), so an output never
+mixes tensors of old and new inputs.
+
+What it does not do: notice an input whose bytes changed while its size and mtime stayed (the
+identity is the files' stamps, not their content).
 """
 
 from __future__ import annotations
@@ -86,6 +91,18 @@ def read_journal(directory: Path) -> tuple[str | None, dict[str, str]]:
     return identity, done
 
 
+def journal_header(directory: Path) -> dict[str, object] | None:
+    """The journal's header line (``journal``, ``plan``, ``inputs``), or None without one."""
+    try:
+        with open(Path(directory) / JOURNAL_NAME, "rb") as f:
+            entry = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("journal") != _VERSION:
+        return None
+    return entry
+
+
 def is_locked(directory: Path) -> bool:
     """Whether a running merge holds ``directory``'s journal."""
     try:
@@ -113,9 +130,12 @@ class Journal:
     """The journal of one run in ``directory``: ``start`` (a fresh one, or the existing one on
     resume), then ``record`` each finished tensor from any thread; ``close`` releases it."""
 
-    def __init__(self, directory: Path, identity: str) -> None:
+    def __init__(
+        self, directory: Path, identity: str, inputs: dict[str, list[int]] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.identity = identity
+        self.inputs = inputs or {}
         self.path = self.directory / JOURNAL_NAME
         self._fd: int | None = None
         self._lock = threading.Lock()
@@ -128,7 +148,9 @@ class Journal:
         """Rewrite the journal with ``kept`` (the verified tensors of a resumed run, else
         nothing), fsynced, and lock it."""
         fresh = self.path.with_name(JOURNAL_NAME + ".new")
-        lines = [{"journal": _VERSION, "plan": self.identity}]
+        lines: list[dict[str, object]] = [
+            {"journal": _VERSION, "plan": self.identity, "inputs": self.inputs}
+        ]
         lines += [{"tensor": n, "sha256": d} for n, d in kept.items()]
         with open(fresh, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(x) + "\n" for x in lines)

@@ -216,6 +216,13 @@ def _resolve_one(
         ) from e
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
 def local_folder(ref: ModelRef, search_dirs: Sequence[Path], what: str = "model") -> Path | None:
     """The local folder one side of a reference names, or None when it is a Hub id; a
     SourceError when it is neither (or a local folder with a revision)."""
@@ -228,6 +235,11 @@ def local_folder(ref: ModelRef, search_dirs: Sequence[Path], what: str = "model"
             )
         return local
     if must_be_local(ref.path):
+        files = [f for f in (Path(ref.path), *(d / ref.path for d in search_dirs)) if _is_file(f)]
+        if files:
+            raise SourceError(
+                f"{what} '{ref}': {files[0]} is a file; give the {what} folder that holds it"
+            )
         raise SourceError(
             f"{what} '{ref}': local path not found{_looked_in(ref.path, search_dirs)}"
         )

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -273,6 +273,9 @@ class ShardWriter:
         self._closed = False
         self.journal = journal
         self.done: dict[str, str] = {}  # name -> sha256 of the tensors finished and verified
+        # With a journal: each tensor's sha256, hashed from the bytes as they are written when
+        # its parts come in order (name -> (hash, next element)); else re-read at finish.
+        self._digests: dict[str, tuple[Any, int] | None] = {}
         try:
             for shard in plan.shards:
                 self._open_shard(shard, resume)
@@ -340,7 +343,12 @@ class ShardWriter:
             return
         fd = self._where[name][0]
         os.fdatasync(fd)
-        digest = self._hash(name)
+        with self._lock:
+            running = self._digests.pop(name, None)
+        whole = running is not None and running[1] * self._where[name][2].dtype.itemsize == (
+            self._where[name][2].nbytes
+        )
+        digest = running[0].hexdigest() if whole and running is not None else self._hash(name)
         self.journal.record(name, digest)
         with self._lock:
             self.done[name] = digest
@@ -369,11 +377,25 @@ class ShardWriter:
             )
         fd, offset, _ = self._where[name]
         data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        if self.journal is not None:
+            self._hash_part(name, start, tensor.numel(), data)
         with self._turns[fd]:  # one writer a file: see __init__
             _pwrite_all(fd, data.data, offset + begin, self._paths[fd])  # no copy: its buffer
         with self._lock:
             self._left[name] -= nbytes
             self.written_bytes += nbytes
+
+    def _hash_part(self, name: str, start: int, count: int, data: Any) -> None:
+        """Fold a part's bytes into its tensor's running sha256 when it continues the parts
+        before it (a tensor's parts come from one job, in order); any other order drops
+        the running hash, and ``finish`` re-reads the tensor instead."""
+        with self._lock:
+            running = self._digests.get(name, (hashlib.sha256(), 0) if start == 0 else None)
+            if running is None or running[1] != start:
+                self._digests[name] = None
+                return
+            self._digests[name] = (running[0], start + count)
+        running[0].update(data)  # the GIL is released: jobs hash in parallel
 
     def _spec(self, name: str) -> TensorSpec:
         if self._closed:

@@ -326,7 +326,7 @@ def test_moe_experts_may_differ_from_the_base(
 # --- no-ops -------------------------------------------------------------------------------------
 
 NOOPS = {
-    "--lazy-unpickle": "inputs are always read lazily through memory maps",
+    "--lazy-unpickle": "inputs are always read lazily, tensor by tensor or chunk by chunk",
     "--low-cpu-memory": "each result is written to its shard as soon as it is computed",
     "--read-to-gpu": "with --device cuda every input tensor is moved to the GPU as it is read",
     "--multi-gpu": "the math runs on one device; pick it with --device cuda:N",

@@ -356,9 +356,10 @@ def test_plan_rejects_wrong_model_counts_and_zero_weight_sums(
         ],
     }
     msg = plan_problem(tmp_path, zero_sum)
-    assert (
-        "tensor 'model.layers.3.self_attn.q_proj.weight': the weights sum to 0, so "
-        "normalize_weights cannot divide by them; change a weight or set normalize_weights: false"
+    assert (  # one line for the 9 tensors of layer 3
+        "tensor 'model.layers.3.input_layernorm.weight' and 8 other tensors: the weights sum to "
+        "0, so normalize_weights cannot divide by them; change a weight or set "
+        "normalize_weights: false"
     ) in msg
     assert "model.layers.0." not in msg  # layer 0 has weights 1 and 1
 

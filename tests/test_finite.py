@@ -135,6 +135,35 @@ def test_inputs_are_checked_even_where_the_output_would_be_finite() -> None:
     FiniteCheck(strict=True).inputs("u", lambda: iter([[("a", torch.ones(8))]]))
 
 
+def test_streamed_inputs_are_tallied_as_read_each_chunk_once() -> None:
+    """A streamed tensor's inputs are checked as the merge reads them: counts add up over
+    chunks, a chunk read again by a later pass counts once, the report comes at the end;
+    under strict the first bad chunk is an error with the exact counts of every chunk."""
+    from merge.finite import FiniteCheck
+
+    bad = torch.ones(64, dtype=torch.bfloat16)
+    bad[[3, 40, 41]] = float("nan")
+    ok = torch.ones(64, dtype=torch.bfloat16)
+    chunks = [[("a", ok[:32]), ("b", bad[:32])], [("a", ok[32:]), ("b", bad[32:])]]
+    said: list[str] = []
+    tally = FiniteCheck(warn=said.append).tally("t", lambda: iter(chunks))
+    assert tally is not None
+    for _ in range(2):  # two passes over the chunks
+        tally(0, chunks[0])
+        tally(32, chunks[1])
+    assert said == []
+    tally.done()
+    assert said == [
+        "tensor 't': the inputs hold NaN/Inf values (3 in model 'b'); merged as they are "
+        "(--strict-finite makes this an error)"
+    ]
+    strict = FiniteCheck(strict=True).tally("t", lambda: iter(chunks))
+    assert strict is not None
+    with pytest.raises(ComputeError, match=r"\(3 in model 'b'\); nothing was written"):
+        strict(0, chunks[0])
+    assert FiniteCheck(scan=False).tally("t", lambda: iter(chunks)) is None
+
+
 def test_whole_tensor_path_checks_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Jobs read whole (no memory maps) are checked like streamed ones."""
     from merge import execute

@@ -195,11 +195,23 @@ def test_multistage_recipe_validates_every_stage(
     ]
 
 
-def test_evolve_config_is_named_not_supported_yet() -> None:
+def test_evolve_config_is_named_and_parses_for_merge_evolve() -> None:
     recipe = EXAMPLES / "evolve.yml"
     code, stderr = cli("validate", recipe)
     assert code == 2
     assert stderr == (
-        f"error: {recipe}:2: genome: mergekit-evolve configs (genome:, tasks:) are not "
-        "supported yet; this file is not a merge recipe\n"
+        f"error: {recipe}:2: genome: a mergekit-evolve config (genome:, tasks:): run it with "
+        "merge evolve; this file is not a merge recipe\n"
     )
+    from merge.evolve.config import load_config
+
+    cfg = load_config(recipe)
+    g = cfg.genome.with_layers(32, "x")
+    assert g.shape == (4, 2, 3, 2) and g.size == 48  # groups, models, filter sets, params
+    assert [(t.spec, t.weight, t.metric) for t in cfg.tasks] == [("lm_eval:hellaswag", 1.0, "acc")]
+    r = g.recipe(g.initial(None))
+    assert r["parameters"] == {"normalize": False} and len(r["slices"]) == 4
+    assert r["slices"][3]["sources"][2] == {
+        "model": "mistralai/Mistral-7B-v0.1",
+        "layer_range": [24, 32],
+    }

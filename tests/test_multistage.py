@@ -298,12 +298,13 @@ def test_a_shape_error_in_the_last_stage_stops_the_run_before_any_stage_is_built
         code, stdout, stderr = cli(command, recipe)
         assert code == 2 and stdout == ""
         assert stderr.startswith(
-            f"error: {recipe}:18: final stage: tensor 'model.embed_tokens.weight': "
+            f"error: {recipe}:18: final stage: tensor 'model.embed_tokens.weight' and 1 other "
+            "tensor: "
         )
     code, stderr = build(recipe, tmp_path)
     assert code == 2
     assert stderr.startswith(
-        f"error: {recipe}:18: final stage: tensor 'model.embed_tokens.weight': "
+        f"error: {recipe}:18: final stage: tensor 'model.embed_tokens.weight' and 1 other tensor: "
     )
     assert not (tmp_path / "st").exists() and not (tmp_path / "out").exists()
 

@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 from merge import api
 from merge.cli import app
 from merge.errors import CheckpointError, MergeError
-from merge.execute import Resources
 from merge.jobs import Input, TensorJob
 from merge.memory import job_order, job_peak_bytes, peak_memory, scheduled_peak, streamed
 from merge.pipeline import run_jobs
 from merge.report import human_bytes
+from merge.resources import Resources
 from support import run_recipe
 from tiny import assert_loads_and_generates, load_state, make_tiny
 

@@ -411,7 +411,7 @@ def test_tools_we_do_not_run_yet_are_named() -> None:
           - name: hellaswag
         """
     ) == [
-        "r.yaml:1: genome: mergekit-evolve configs (genome:, tasks:) are not supported yet; "
+        "r.yaml:1: genome: a mergekit-evolve config (genome:, tasks:): run it with merge evolve; "
         "this file is not a merge recipe"
     ]
     assert problems(

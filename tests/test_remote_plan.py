@@ -130,8 +130,8 @@ def test_problems_are_found_from_headers(
     result = runner.invoke(app, ["validate", str(mismatch)])
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.splitlines()[0] == (
-        "error: tensor 'model.embed_tokens.weight': shape [512, 64] in model 'org/narrow' does "
-        "not match [512, 128] in model 'org/sharded'"
+        "error: tensor 'model.embed_tokens.weight' and 1 other tensor: shape [512, 64] in model "
+        "'org/narrow' does not match [512, 128] in model 'org/sharded'"
     )
     slices = tmp_path / "slices.yaml"
     slices.write_text(

@@ -42,9 +42,9 @@ from merge.build.locked import LockUse, use_lock
 from merge.build.stages import Stage, Stages
 from merge.checkpoint import Checkpoint, TensorInfo
 from merge.errors import CheckpointError, MergeError, PlanError
-from merge.execute import Resources
 from merge.jobs import Plan
 from merge.report import plan_json, plan_text, summary
+from merge.resources import Resources
 from merge.sources import ModelRef, stage_outputs
 from merge.sourceset import Model, planned_checkpoints
 
@@ -127,6 +127,9 @@ class PlannedOutput(Checkpoint):
         )
 
     def view(self, name: str) -> Any:
+        return self.read(name)
+
+    def read_range(self, name: str, start: int, stop: int) -> Any:
         return self.read(name)
 
 

@@ -144,6 +144,9 @@ class RemoteCheckpoint(Checkpoint):
     def view(self, name: str) -> torch.Tensor:
         raise RuntimeError(self._not_here(name))
 
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        raise RuntimeError(self._not_here(name))
+
     def _not_here(self, name: str) -> str:
         return (
             f"model '{self.label}': tensor '{name}' was planned from the Hub's headers and its "

@@ -13,6 +13,7 @@ import torch
 
 from merge.checkpoint import Checkpoint, TensorSource
 from merge.errors import CheckpointError
+from merge.inputstate import Stamp
 from merge.links import check_folder
 from merge.lora.adapter import Adapter, read_adapter
 
@@ -68,6 +69,18 @@ class LoraCheckpoint(TensorSource):
     def can_view(self, name: str) -> bool:
         touched = name in self.adapter.replacements or name in self.adapter.pairs
         return not touched and self.base.can_view(name)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements of the base's tensor, where the adapter leaves it alone."""
+        if not self.can_view(name):  # pragma: no cover - callers check can_view
+            raise RuntimeError(f"tensor '{name}' is changed by the adapter: read it whole")
+        return self.base.read_range(name, start, stop)
+
+    def stamps(self) -> dict[Path, Stamp]:
+        return self.base.stamps()
+
+    def check_inputs(self) -> None:
+        self.base.check_inputs()
 
     def close(self) -> None:
         self.base.close()

@@ -4,7 +4,7 @@ A streamed method describes one tensor's merge as a ``Streamed`` object: zero or
 statistics passes over the tensor's chunks (``observe``, then ``end_pass``), then ``apply``,
 which makes each output chunk. ``merge_chunks`` drives it over any chunk reader, and
 
-- the executor reads chunks from zero-copy memory maps of the inputs and writes each output
+- the executor reads chunks of the inputs (``preadv`` into buffers) and writes each output
   chunk straight into its place in the output shard, so a tensor of any size costs a few
   chunk-sized float32 buffers (reused by the allocator: no page faults per tensor);
 - the method's plain function (``whole``) drives the same object over tensors already in

@@ -37,7 +37,10 @@ def prompt_problems(recipe: MoeRecipe, base: Model) -> list[str]:
     for e in (*recipe.experts, *([recipe.shared] if recipe.shared else [])):
         for key, prompts in (("positive_prompts", e.positive), ("negative_prompts", e.negative)):
             for i, text in enumerate(prompts):
-                n = len(tok(text, add_special_tokens=False)["input_ids"]) + bos
+                # verbose=False: the tokenizer's own "longer than the maximum" warning would
+                # come before, and say less than, the line below
+                ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+                n = len(ids) + bos
                 if n > limit:
                     problems.append(
                         recipe.loc.error(

@@ -9,6 +9,7 @@ parameters written under a model) go to a second list.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from merge.methods import REQUIRED, Method, Param
 from merge.methods.registry import METHODS
 from merge.recipe.model import Params, Source
 from merge.recipe.params import parse_value
-from merge.recipe.yamlsrc import Locator, PathKey
+from merge.recipe.yamlsrc import Locator, PathKey, format_path
 
 
 def closest(word: str, allowed: Sequence[str]) -> str | None:
@@ -96,6 +97,13 @@ def _has(name: str, levels: Sequence[Params]) -> bool:
     return any(name in lv for lv in levels)
 
 
+def _reported(problems: Sequence[str], path: PathKey, loc: Locator) -> bool:
+    """Whether a problem was already reported at ``path`` or below it (a value given but
+    invalid is dropped from the parameters; it is not also "missing")."""
+    where = re.escape(loc.file) + r"(:\d+)?: " + re.escape(format_path(path)) + r"[:\[.]"
+    return any(re.match(where, p) for p in problems)
+
+
 def _check_required(
     method: Method,
     inputs: Sequence[Source],
@@ -120,6 +128,8 @@ def _check_required(
             continue
         for src in inputs:
             if _has(p.name, [src.params, *outer]):
+                continue
+            if _reported(problems, (*src.path, "parameters", p.name), loc):
                 continue
             hint = ""
             if src.model == base and method.base == "input":

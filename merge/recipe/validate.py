@@ -4,7 +4,7 @@ Every problem found is collected and raised together as one ``RecipeError`` whos
 ``recipe.yaml:14: models[1].parameters.density: must be in (0, 1], got 1.5``. Nothing here
 touches the filesystem beyond the recipe itself: model references are checked for syntax only.
 The recipe's parts (``models``, ``slices`` or ``modules``) are built by ``merge.recipe.parts``
-with the checks of ``merge.recipe.checks``. Configs of mergekit tools we do not run (evolve's
+with the checks of ``merge.recipe.checks``. Configs of other mergekit tools (evolve's
 ``genome:``/``tasks:``) get one line naming the feature, never "unknown key".
 """
 
@@ -32,10 +32,10 @@ if typing.TYPE_CHECKING:  # pragma: no cover
 
 CHAT_TEMPLATES = ("auto", *sorted(TEMPLATES))
 MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts")
-# Keys of configs for mergekit tools that this project does not run yet: one line each.
+# Keys of configs for other mergekit tools: one line each, naming the command that runs them.
 NOT_SUPPORTED = {
-    "genome": "mergekit-evolve configs (genome:, tasks:) are not supported yet",
-    "tasks": "mergekit-evolve configs (genome:, tasks:) are not supported yet",
+    "genome": "a mergekit-evolve config (genome:, tasks:): run it with merge evolve",
+    "tasks": "a mergekit-evolve config (genome:, tasks:): run it with merge evolve",
 }
 
 
@@ -122,6 +122,24 @@ def _check_extras(schema: RecipeSchema, loc: Locator, problems: list[str]) -> No
             loc.error(
                 ("chat_template",),
                 f"must be one of {', '.join(CHAT_TEMPLATES)} or a Jinja template, got {ct!r}",
+            )
+        )
+    elif ct is not None and ct not in CHAT_TEMPLATES:
+        _check_jinja(ct, loc, problems)
+
+
+def _check_jinja(template: str, loc: Locator, problems: list[str]) -> None:
+    """A recipe's own chat template must parse (it is parsed, never rendered, here), or the
+    output's tokenizer would fail at its first ``apply_chat_template``."""
+    import jinja2  # transformers' dependency; imported only when a recipe has a template
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        problems.append(
+            loc.error(
+                ("chat_template",),
+                f"not a valid Jinja template: {e.message} (line {e.lineno} of the template)",
             )
         )
 

@@ -12,11 +12,15 @@ The work is bounded before anything is built from the text (``check_bounds``): a
 most ``MAX_FILE_BYTES``, a string of at most ``MAX_STRING_CHARS``, nesting at most ``MAX_DEPTH``
 levels deep, and at most ``MAX_VALUES`` values once every alias is expanded. Aliases are
 counted, not expanded (an alias is the node it names, so its size is memoised), so a "billion
-laughs" recipe is refused in milliseconds at the line whose aliases pass the bound.
+laughs" recipe is refused in milliseconds at the line whose aliases pass the bound. Flow
+brackets (``[[[...``) are counted on the raw text first (``_too_deep``): PyYAML's scanner takes
+time quadratic in the flow nesting, so 10,000 levels would take half a minute to reach the
+composer's own bound.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,10 @@ MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_STRING_CHARS = 1024 * 1024
 MAX_DEPTH = 100
 MAX_VALUES = 100_000
+# Raw bracket depth past which the text is refused before PyYAML scans it (a loose count:
+# brackets in quotes and comments count too, so it is far above MAX_DEPTH).
+_SCAN_DEPTH = 10 * MAX_DEPTH
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def format_path(path: Sequence[str | int]) -> str:
@@ -169,9 +177,23 @@ def _yaml_error(e: yaml.YAMLError, file: str) -> RecipeError:
     return RecipeError(f"{file}: not valid YAML: {e}")
 
 
+def _too_deep(text: str) -> bool:
+    """Whether the text's flow brackets nest more than ``_SCAN_DEPTH`` deep (linear time)."""
+    if text.count("[") + text.count("{") <= _SCAN_DEPTH:
+        return False
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        if depth > _SCAN_DEPTH:
+            return True
+    return False
+
+
 def parse_documents(text: str, file: str) -> list[Document]:
     """Every document of YAML text that holds something (an empty one, or one of comments
     only, is left out); RecipeError with the file and line on a syntax error or duplicate key."""
+    if _too_deep(text):
+        raise RecipeError(f"{file}: nested more than {MAX_DEPTH} levels deep")
     try:
         starts = _starts(text)
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))

@@ -1,0 +1,39 @@
+"""Where the executor hands finished output tensors: the ``TensorSink`` protocol.
+
+The executor (``merge.execute``) computes each output tensor, casts it to its planned dtype
+and gives it, whole or chunk by chunk, to a sink. ``merge.writer.ShardWriter`` is the sink of
+``merge run`` (safetensors shards at planned offsets); ``merge.evolve.inmemory`` has one that
+copies into a live model's parameters. Both see the same cast bytes in the same places, so
+what they hold is the same.
+
+What it does not do: cast, check finiteness or know about shards; a sink only places bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+
+class TensorSink(Protocol):
+    """Takes output tensors from any worker thread, in any order.
+
+    ``write(name, tensor)``: a whole tensor of the planned shape and dtype.
+    ``write_part(name, start, tensor)``: elements ``start..`` of the flattened tensor.
+    ``finish(name)``: every element of ``name`` was written.
+    ``done``: tensors already present before the run (resumed), skipped by the executor.
+    ``written_bytes``: bytes present so far (progress)."""
+
+    @property
+    def done(self) -> Mapping[str, str]: ...
+
+    @property
+    def written_bytes(self) -> int: ...
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def write_part(self, name: str, start: int, tensor: torch.Tensor) -> None: ...
+
+    def finish(self, name: str) -> None: ...
