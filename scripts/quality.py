@@ -16,9 +16,9 @@ their mean, as a markdown table (stdout, ``--markdown``) and as JSON (``--out``)
 machine, the versions and the command.
 
 ``--evolve`` (the default) adds a ``merge evolve`` row when that command exists: a genome in
-mergekit-evolve syntax over the four fine-tunes, its fitness the validation splits (never the
-test splits), the best recipe it finds merged and scored like the others. Without the command
-the row says "evolve: not available".
+mergekit-evolve syntax over the four fine-tunes (``task_arithmetic``, one weight each), its
+fitness the validation splits (never the test splits), the best recipe it finds merged and
+scored like the others. Without the command the row says "evolve: not available".
 
 Not done here: GPU runs, confidence intervals (200 test examples a task: one standard error is
 up to 3.5 points), or a search over each method's other parameters (density, epsilon): each
@@ -49,6 +49,7 @@ import _quality_train as qt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EVOLVE = [sys.executable, "-m", "merge.cli", "evolve"]
+EVOLVE_ARGS = "--max-evals 48 --seed 0 --threads 1 --batch-size 100 --quiet"
 FT = {"weight": 1.0}
 SPARSE = {"weight": 1.0, "density": 0.5}
 # name -> (method, per-model parameters, global parameters); every one but linear has the base.
@@ -157,14 +158,16 @@ def evolve_available(command: list[str]) -> bool:
 
 
 def genome(paths: dict[str, Path], validation: dict[str, Path]) -> dict[str, Any]:
-    """A mergekit-evolve style genome over the fine-tunes, scored on the validation splits."""
+    """A mergekit-evolve config over the fine-tunes, scored on the validation splits: one
+    task_arithmetic weight per fine-tune, not normalized, so the search sets each task
+    vector's scale (it starts at 1/4 each: the average)."""
     return {
         "genome": {
             "models": [str(paths[t]) for t in qt.TASKS],
-            "merge_method": "ties",
+            "merge_method": "task_arithmetic",
             "base_model": str(paths["base"]),
             "layer_granularity": 0,
-            "normalize": True,
+            "normalize": False,
             "allow_negative_weights": False,
         },
         "tasks": [
@@ -188,7 +191,7 @@ def run_evolve(
     command = [*evolve, str(genome_file)]
     command += ["--storage-path", str(evolve_dir / "storage"), *shlex.split(args.evolve_args)]
     log("$ " + shlex.join(command))
-    done = subprocess.run(command, cwd=ROOT)
+    done = subprocess.run(command, cwd=ROOT, stdout=sys.stderr)  # stdout is the table
     if done.returncode != 0:
         return None, f"evolve: failed (exit {done.returncode})"
     found = sorted((evolve_dir / "storage").rglob("best*.yaml"))
@@ -233,6 +236,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             v = r["validation"]
             cells = [f"{100 * v[str(x)]:.1f}" if str(x) in v else "–" for x in LAMBDAS]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lines += evolve_lines(report["rows"])
     m = report["machine"]
     s = report["settings"]
     lines += [
@@ -252,6 +256,20 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evolve_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A line on the evolve row's recipe: its method and the weights it found."""
+    found = [r for r in rows if r.get("recipe")]
+    if not found:
+        return []
+    recipe = found[0]["recipe"]
+    weights = ", ".join(
+        f"{Path(m['model']).name} {m['parameters']['weight']:.3f}"
+        for m in recipe["models"]
+        if "weight" in (m.get("parameters") or {})
+    )
+    return ["", f"merge evolve ({found[0]['note']}): {recipe['merge_method']}, weights {weights}."]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--workdir", type=Path, default=ROOT / ".quality")
@@ -260,8 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evolve", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--evolve-args",
-        default="--max-evals 40 --seed 0",
-        help="options for `merge evolve` (default: --max-evals 40 --seed 0)",
+        default=EVOLVE_ARGS,
+        help=f"options for `merge evolve` (default: {EVOLVE_ARGS})",
     )
     p.add_argument(
         "--evolve-command",
@@ -309,7 +327,9 @@ def evolve_row(
         log(note)
         return row("merge evolve", "merge", None, note)
     out = merge_recipe(best, run_dir / "evolve-best", args.threads)
-    return row("merge evolve", "merge", score(out, args.test, args.batch_size, args.limit), note)
+    r = row("merge evolve", "merge", score(out, args.test, args.batch_size, args.limit), note)
+    r["recipe"] = yaml.safe_load(best.read_text())
+    return r
 
 
 def command_line(argv: list[str] | None) -> str:

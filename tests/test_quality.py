@@ -128,11 +128,25 @@ def test_genome_uses_validation_splits(toy_models: dict[str, Path], tmp_path: Pa
     assert all("validation" in t["name"] for t in g["tasks"])
 
 
+def test_evolve_row_without_the_command(toy_models: dict[str, Path], tmp_path: Path) -> None:
+    args = quality.parse_args(["--evolve-command", "false"])
+    validation = qt.write_splits(tmp_path, TOY)["validation"]
+    r = quality.evolve_row(tmp_path, toy_models, validation, args)
+    assert r["accuracy"] is None and r["note"] == "evolve: not available"
+
+
 def test_markdown_table() -> None:
     rows = [
         quality.row("base", "base", dict.fromkeys(qt.TASKS, 0.5)),
         quality.row("merge evolve", "merge", None, "evolve: not available"),
     ]
+    assert quality.evolve_lines(rows) == []
+    rows[0]["recipe"] = {
+        "merge_method": "task_arithmetic",
+        "models": [{"model": "/m/copy", "parameters": {"weight": 0.5}}, {"model": "/m/base"}],
+    }
+    rows[0]["note"] = "fitness on validation"
+    assert quality.evolve_lines(rows)[1].endswith("task_arithmetic, weights copy 0.500.")
     report = {
         "rows": rows, "settings": TOY.as_dict(), "train_seconds": 1.0, "cached": True,
         "eval_seconds": 2.0, "command": "python scripts/quality.py", "machine": quality.machine(),
