@@ -20,8 +20,11 @@ within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch 
 intra-op thread per job and each random job gets its own generator seeded from (seed, output
 tensor name), and chunk bounds depend on shapes only, so outputs are bit-identical whatever
 the thread count or budget. Global trim's tie quota is handed out per job before the merge
-(``GlobalTrim.allot``). With ``--device cuda`` the inputs are moved to the GPU as stored, the
-method runs there in float32 on whole tensors and the cast result comes back for writing.
+(``GlobalTrim.allot``). With ``--device cuda`` (``merge.device``) streamed jobs run chunk by
+chunk on the GPU, the stored bytes copied in through pinned buffers while the previous chunk
+computes and the cast chunks copied back the same way; jobs that cannot stream move their
+whole inputs there when they fit ``--max-vram`` (else they run on the CPU); copies stay on
+the CPU. Device jobs are admitted within ``--max-vram`` as well as ``--max-memory``.
 
 MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (seeded by the
 output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
@@ -31,8 +34,7 @@ ready-made in ``computed`` (name -> float32 tensor) and only casts.
 hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
 ``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
 
-What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
-MoE noise and the global-trim statistics passes on the GPU.
+What it does not do: run copies, MoE noise and the global-trim statistics passes on the GPU.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from merge.device.backend import Backend, CudaBackend, SimBackend
+from merge.device.chunks import device_merge_chunks
+from merge.device.vram import placement, vram_bytes
 from merge.errors import CheckpointError, ComputeError
 from merge.finite import FiniteCheck, InputChunks, InputTally
 from merge.globaltrim import GlobalTrim, global_jobs
@@ -245,6 +250,63 @@ def _stream_job(
         tally.done()
 
 
+def _device_stream_job(
+    plan: Plan,
+    job: TensorJob,
+    params: dict[str, Any],
+    writer: TensorSink,
+    finite: FiniteCheck,
+    backend: Backend,
+) -> None:
+    """A streamed job on ``backend``'s device (``merge.device.chunks``): the stored bytes of
+    each chunk go to the device, the cast output chunks come back to their shard."""
+    models, inputs = _models(job), _input_chunks(plan, job)
+    tally = finite.tally(job.name, inputs)
+    xs, base = _views(plan, job)
+    views = [*xs, *([base] if base is not None else [])]
+
+    def read(start: int, stop: int) -> list[torch.Tensor]:
+        parts = [v[start:stop] for v in views]
+        if tally is not None:
+            tally(start, list(zip(models, parts, strict=True)))
+        return parts
+
+    def cast(chunk: torch.Tensor) -> torch.Tensor:
+        out = chunk.to(job.dtype)
+        finite.chunk(job.name, chunk, out, models, inputs)
+        return out
+
+    def emit(start: int, chunk: torch.Tensor) -> None:
+        writer.write_part(job.name, start, chunk)
+
+    stream = plan.method.stream
+    assert stream is not None
+    state = stream(params, job.shape, _rng(plan, job))
+    dtypes = [v.dtype for v in views]
+    device_merge_chunks(
+        state, job.numel, read, dtypes, base is not None, job.dtype, cast, emit, backend
+    )
+    if tally is not None:
+        tally.done()
+
+
+class _Backends:
+    """A ``Backend`` for the calling worker: its own CUDA streams (kept per thread), or a
+    fresh simulated device for the ``cpu`` device of tests."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._local = threading.local()
+
+    def get(self) -> Backend:
+        if self.device.type != "cuda":
+            return SimBackend()
+        if not hasattr(self._local, "backend"):
+            self._local.backend = CudaBackend(self.device)
+        backend: Backend = self._local.backend
+        return backend
+
+
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
     """A copied tensor, with an MoE expert's noise and scale applied in float32."""
     tensor = _read(plan, job.inputs[0].model, job.inputs[0].name)
@@ -433,7 +495,12 @@ def _run_into(
     """Run every job not in ``sink.done`` on the worker pool, each output into ``sink``."""
     check = finite or FiniteCheck()
     mover = Mover(res.device) if res.device is not None else None
+    backends = _Backends(res.device) if res.device is not None else None
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
+    where, device_peaks = ["cpu"] * len(plan.jobs), [0] * len(plan.jobs)
+    if res.device is not None:
+        where = [placement(j, plan.models, plan.method, res.vram) for j in plan.jobs]
+        device_peaks = [vram_bytes(j, plan.models, plan.method, res.vram) for j in plan.jobs]
     bar = tqdm(
         total=plan.shards.total_bytes,
         unit="B",
@@ -449,14 +516,26 @@ def _run_into(
         def work(i: int) -> None:
             job = plan.jobs[i]
             params = trimmed.get(job.name, job.params)
-            if mover is None and streamed(job, plan.models, plan.method):
+            if where[i] == "stream":
+                assert backends is not None
+                _device_stream_job(plan, job, params, sink, check, backends.get())
+            elif where[i] == "cpu" and streamed(job, plan.models, plan.method):
                 _stream_job(plan, job, params, sink, check)
             else:
-                out = run_job(plan, job, params, computed, mover=mover, finite=check)
+                on = mover if where[i] == "whole" else None
+                out = run_job(plan, job, params, computed, mover=on, finite=check)
                 sink.write(job.name, out)
             sink.finish(job.name)
             with lock:
                 bar.update(job.numel * job.dtype.itemsize)
 
         order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in sink.done]
-        run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
+        run_jobs(
+            work,
+            order,
+            peaks=peaks,
+            budget=res.budget,
+            threads=res.threads,
+            device_peaks=device_peaks,
+            device_budget=res.vram,
+        )
