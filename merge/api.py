@@ -323,15 +323,15 @@ def run(
 ) -> Path:
     """Merge: plan, check the output location, download the weights of Hub models not in the
     cache (progress bars with ``progress``), stream every tensor, then finalize atomically.
-    ``warn`` gets each warning, ``info`` each line of an MoE's routing report (and, on a
-    device, its memory peak). ``threads`` (default: every available core), ``max_memory``
-    (default: half the available RAM) and ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``max_vram``: its budget) change
-    speed and memory, never the output (on a GPU: see ``merge.device`` for the methods whose
-    reductions round differently there). ``copy_tokenizer`` and ``write_card`` false leave out the
-    tokenizer files (unless a recipe tokenizer setting built them) and README.md; ``allow_crimes``
-    merges models of different architectures; ``trust_remote_code`` lets transformers run the
-    models' code; ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE``
-    etc.).
+    ``warn`` gets each warning, ``info`` each line of an MoE's routing report (and, on a device,
+    its memory peak). ``threads`` (default: every available core), ``max_memory`` (default: half
+    the available RAM) and ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``max_vram``:
+    its budget) change speed and memory, never the output (on a GPU: see ``merge.device`` for
+    the methods whose reductions round differently there). ``copy_tokenizer`` and ``write_card``
+    false leave out the tokenizer files (unless a recipe tokenizer setting built them) and
+    README.md; ``allow_crimes`` merges models of different architectures; ``trust_remote_code``
+    lets transformers run the models' code; ``cache_dir`` is the Hugging Face cache for
+    downloads (default: ``HF_HUB_CACHE`` etc.).
     The recipe's lock, when there is one (or ``lock``, a multi-stage build's), pins the Hub
     models; ``locked`` makes a missing lock, a recipe changed since it was locked or an input
     that differs from it an error (nothing written). ``lock_sha256`` (the lock the inputs were

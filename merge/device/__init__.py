@@ -9,6 +9,18 @@
   buffering) and results coming back through pinned buffers;
 - ``vram``: the ``--max-vram`` budget and each job's device-memory estimate.
 
+Equality with the CPU. Chunk bounds, pass order, random draws (CPU generators, moved to the
+device) and the exact integer cuts (radix histograms) are the CPU executor's, and float32
+``+``, ``*`` and casts are IEEE on both, so elementwise methods (``linear``) give the CPU's
+bytes. Where a method reduces (float sums over a chunk or over models: ``slerp``'s norms and
+dot product, ``model_stock``'s and ``sce``'s statistics, the ``l1`` rescales, the spherical
+family's Gram matrices), the CPU sums with numpy's fixed pairwise order and the GPU with its
+reduction kernels, so results may differ by float rounding; ``tests/test_gpu_cuda.py``
+bounds the difference and records, per method, how many tensors came out bit-identical.
+GPU runs are deterministic run to run: CUDA's sum, sort and cumsum kernels do not use float
+atomics, the only atomics (``bincount``) count integers, and chunking never depends on
+threads or budgets.
+
 What it does not do: choose which jobs run on the device (``merge.execute``) or admit jobs
 (``merge.pipeline.run_jobs``).
 """

@@ -1,5 +1,9 @@
 """Device memory: the ``--max-vram`` budget, each job's estimate, and where each job runs.
 
+Streamed jobs hold ``SLOTS`` chunks of each input as stored, the float32 temporaries of
+one chunk, and what the method keeps between passes (the task family's keep masks: packed
+bits on the CPU, one bool a mask entry on a device).
+
 ``placement`` says where a job runs with ``--device cuda``: ``"stream"`` (a streamed method
 job: chunk by chunk through ``merge.device.chunks``), ``"whole"`` (a job that cannot stream,
 e.g. a vocabulary tensor, whose whole inputs fit the budget), or ``"cpu"`` (copies, computed
@@ -58,7 +62,7 @@ def stream_vram_bytes(job: TensorJob, models: dict[str, Model], method: Method) 
     per_model, fixed = method.workspace
     work = len(reads) + per_model * len(job.inputs) + fixed
     bits = method.kept_bits(job.params) if method.kept_bits else 0
-    kept = -(-job.numel * bits // 8) * len(job.inputs)
+    kept = job.numel * bits * len(job.inputs)  # on a device: a byte a bit (bool masks)
     return SLOTS * chunk * stored + int(4 * chunk * (work + 1)) + chunk * job.dtype.itemsize + kept
 
 
