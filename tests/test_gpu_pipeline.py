@@ -251,3 +251,37 @@ def test_device_path_writes_the_cpu_bytes(
             execute(p, out, progress=False, resources=res)
         outs.append(shard_bytes(out))
     assert outs[0] == outs[1]
+
+
+def test_whole_jobs_run_on_the_device_when_they_fit_else_on_the_cpu(
+    planned: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Jobs that cannot stream (here: every job, as if none could) move whole to the device
+    within --max-vram; the larger ones run on the CPU with a warning; the bytes are the CPU's."""
+    import merge.device.vram as vram
+
+    monkeypatch.setattr(vram, "streamed", lambda *a: False)
+    with api.planned(planned) as p:
+        sizes = sorted(vram.whole_vram_bytes(j, p.models, p.method) for j in p.jobs if not j.copy)
+        budget = sizes[len(sizes) // 2]
+        where = [placement(j, p.models, p.method, budget) for j in p.jobs]
+        assert "whole" in where and where.count("cpu") > sum(j.copy for j in p.jobs)
+        plan = vram_plan(p.jobs, p.models, p.method, "cuda", budget, 2)
+        assert plan.peak <= budget and "it runs on the CPU (and" in plan.warnings()[0]
+        outs = []
+        for dev in (None, torch.device("cpu")):
+            out = tmp_path / f"whole-{dev}"
+            out.mkdir()
+            execute(p, out, progress=False, resources=Resources(2, 10**9, dev, vram=budget))
+            outs.append(shard_bytes(out))
+    assert outs[0] == outs[1]
+
+
+def test_run_option_errors(planned: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    got = runner.invoke(app, ["run", str(planned), str(tmp_path / "o"), "--max-vram", "lots"])
+    assert got.exit_code == 2 and "--max-vram must be a size like 5GB" in got.output
+    if not torch.cuda.is_available():
+        got = runner.invoke(app, ["run", str(planned), str(tmp_path / "o"), "--device", "cuda"])
+        assert got.exit_code == 2 and "CUDA is not available here" in got.output
+    assert not (tmp_path / "o").exists()

@@ -37,12 +37,99 @@ HostRead = Callable[[int, int], list[Tensor]]
 """``read(start, stop)``: the stored elements ``[start, stop)`` of every input, then the base."""
 
 
-class _Slots:
-    """Pinned staging and device buffers, one per input and slot, of one chunk each."""
+class _Pipeline:
+    """One tensor's schedule on a device (see the module notes): buffers, events, the
+    output waiting to be handed over."""
 
-    def __init__(self, backend: Backend, dtypes: Sequence[torch.dtype], size: int, n: int):
-        self.host = [[backend.pinned(size, d) for d in dtypes] for _ in range(n)]
-        self.dev = [[backend.empty(size, d) for d in dtypes] for _ in range(n)]
+    def __init__(
+        self,
+        streamed: Streamed,
+        numel: int,
+        read: HostRead,
+        dtypes: Sequence[torch.dtype],
+        has_base: bool,
+        out_dtype: torch.dtype,
+        backend: Backend,
+        slots: int,
+    ) -> None:
+        self.streamed, self.read, self.has_base = streamed, read, has_base
+        self.b, self.slots = backend, slots
+        self.bounds = chunk_bounds(numel, streamed.row)
+        self.steps = [(p, a, z) for p in range(streamed.passes) for a, z in self.bounds]
+        self.steps += [(-1, a, z) for a, z in self.bounds]
+        size = max((z - a for a, z in self.bounds), default=0)
+        self.host = [[backend.pinned(size, d) for d in dtypes] for _ in range(slots)]
+        self.dev = [[backend.empty(size, d) for d in dtypes] for _ in range(slots)]
+        self.outs = [backend.pinned(size, out_dtype) for _ in range(slots)]
+        self.copied: list[Any] = []  # event per step: its host-to-device copy is done
+        self.computed: list[Any] = []  # event per step: its compute is done
+        self.pending: tuple[int, int, Tensor, Any] | None = None  # step, start, output, event
+
+    def stage(self, i: int) -> None:
+        """Read step ``i``'s chunk into its staging slot and copy it to its device slot."""
+        b, s, (_, a, z) = self.b, i % self.slots, self.steps[i]
+        if i >= self.slots:
+            b.host_wait(self.copied[i - self.slots])  # staging slot s is free
+        for host, part in zip(self.host[s], self.read(a, z), strict=True):
+            host[: z - a].copy_(part)
+        if i >= self.slots:
+            b.wait(b.copy, self.computed[i - self.slots])  # device slot s is free
+        for k, (dev, host) in enumerate(zip(self.dev[s], self.host[s], strict=True)):
+            b.copy_async(b.copy, dev[: z - a], host[: z - a], f"h2d {i} slot {s} in {k}")
+        self.copied.append(b.record(b.copy, f"copied {i}"))
+
+    def inputs(self, i: int) -> tuple[list[Tensor], Tensor | None]:
+        """Step ``i``'s chunk on the device, as the stream takes it."""
+        s, (_, a, z) = i % self.slots, self.steps[i]
+        parts = [d[: z - a] for d in self.dev[s]]
+        n, stored = len(parts) - self.has_base, self.streamed.stored_inputs
+        xs = [p if stored and p.dtype.is_floating_point else p.float() for p in parts[:n]]
+        return xs, parts[n].float() if self.has_base else None
+
+    def deliver(self, emit: Callable[[int, Tensor], None]) -> None:
+        """Hand the output chunk waiting to come back to ``emit``, once it is back."""
+        if self.pending is None:
+            return
+        i, a, out, event = self.pending
+        self.b.host_wait(event)
+        self.b.note(f"emit {i}")
+        emit(a, self.outs[i % self.slots][: out.numel()])
+        self.pending = None
+
+    def give_back(self, i: int, a: int, out: Tensor) -> None:
+        """Copy step ``i``'s output chunk into its pinned slot after its compute."""
+        b, s = self.b, i % self.slots
+        b.wait(b.copy, self.computed[i])
+        b.copy_async(b.copy, self.outs[s][: out.numel()], out, f"d2h {i} slot {s}")
+        self.pending = (i, a, out, b.record(b.copy, f"returned {i}"))
+
+    def run(self, cast: Callable[[Tensor], Tensor], emit: Callable[[int, Tensor], None]) -> None:
+        b, last = self.b, self.bounds[-1][1] if self.bounds else 0
+        if self.steps:
+            self.stage(0)
+        with b.on(b.compute):
+            for i, (p, a, z) in enumerate(self.steps):
+                if i + 1 < len(self.steps):
+                    self.stage(i + 1)  # overlaps this step's compute
+                b.wait(b.compute, self.copied[i])
+                b.note(f"compute {i}")
+                xs, base = self.inputs(i)
+                if p >= 0:
+                    self.streamed.observe(p, xs, base)
+                    if z == last:
+                        self.streamed.end_pass(p)
+                    self.computed.append(b.record(b.compute, f"computed {i}"))
+                    continue
+                out = cast(self.streamed.apply(xs, base)).reshape(-1)
+                self.computed.append(b.record(b.compute, f"computed {i}"))
+                self.deliver(emit)  # the previous output, while this one computes
+                self.give_back(i, a, out)
+            self.deliver(emit)
+
+    def drain(self) -> None:
+        """Wait for both streams: no copy or kernel still uses the buffers."""
+        self.b.host_wait(self.b.record(self.b.compute, "drained compute"))
+        self.b.host_wait(self.b.record(self.b.copy, "drained copy"))
 
 
 def device_merge_chunks(
@@ -61,69 +148,9 @@ def device_merge_chunks(
     stored dtype of each input, then the base's; ``cast``: the output chunk's cast to
     ``out_dtype``, run on the device); ``emit(start, host_chunk)`` each cast output chunk in
     order."""
-    bounds = chunk_bounds(numel, streamed.row)
-    steps = [(p, a, b) for p in range(streamed.passes) for a, b in bounds]
-    steps += [(-1, a, b) for a, b in bounds]
-    size = max(b - a for a, b in bounds) if bounds else 0
-    buf = _Slots(backend, dtypes, size, slots)
-    outs = [backend.pinned(size, out_dtype) for _ in range(slots)]
-    copied: list[Any] = []  # event per step: its host-to-device copy is done
-    computed: list[Any] = []  # event per step: its compute is done
-    stored = streamed.stored_inputs
-
-    def stage(i: int) -> None:
-        s, (_, a, b) = i % slots, steps[i]
-        if i >= slots:
-            backend.host_wait(copied[i - slots])  # staging slot s is free
-        for host, part in zip(buf.host[s], read(a, b), strict=True):
-            host[: b - a].copy_(part)
-        if i >= slots:
-            backend.wait(backend.copy, computed[i - slots])  # device slot s is free
-        for k, (dev, host) in enumerate(zip(buf.dev[s], buf.host[s], strict=True)):
-            backend.copy_async(
-                backend.copy, dev[: b - a], host[: b - a], f"h2d {i} slot {s} in {k}"
-            )
-        copied.append(backend.record(backend.copy, f"copied {i}"))
-
-    def inputs(i: int) -> tuple[list[Tensor], Tensor | None]:
-        s, (_, a, b) = i % slots, steps[i]
-        parts = [d[: b - a] for d in buf.dev[s]]
-        n = len(parts) - has_base
-        xs = [p if stored and p.dtype.is_floating_point else p.float() for p in parts[:n]]
-        return xs, parts[n].float() if has_base else None
-
-    pending: tuple[int, int, Tensor, Any] | None = None  # (step, start, output, event)
-
-    def deliver() -> None:
-        nonlocal pending
-        if pending is None:
-            return
-        i, a, out, event = pending
-        backend.host_wait(event)
-        backend.note(f"emit {i}")
-        emit(a, outs[i % slots][: out.numel()])
-        pending = None
-
-    if steps:
-        stage(0)
-    with backend.on(backend.compute):
-        for i, (p, a, b) in enumerate(steps):
-            if i + 1 < len(steps):
-                stage(i + 1)  # overlaps this step's compute
-            backend.wait(backend.compute, copied[i])
-            backend.note(f"compute {i}")
-            xs, base = inputs(i)
-            if p >= 0:
-                streamed.observe(p, xs, base)
-                if b == bounds[-1][1]:
-                    streamed.end_pass(p)
-                computed.append(backend.record(backend.compute, f"computed {i}"))
-                continue
-            out = cast(streamed.apply(xs, base)).reshape(-1)
-            computed.append(backend.record(backend.compute, f"computed {i}"))
-            deliver()  # the previous output slot, while this one computes
-            backend.wait(backend.copy, computed[i])
-            host = outs[i % slots][: out.numel()]
-            backend.copy_async(backend.copy, host, out, f"d2h {i} slot {i % slots}")
-            pending = (i, a, out, backend.record(backend.copy, f"returned {i}"))
-        deliver()
+    pipe = _Pipeline(streamed, numel, read, dtypes, has_base, out_dtype, backend, slots)
+    try:
+        pipe.run(cast, emit)
+    except BaseException:  # no copy may still write into buffers about to be freed
+        pipe.drain()
+        raise
