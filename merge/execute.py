@@ -12,8 +12,9 @@ Most jobs are streamed (``merge.memory.streamed``): copies and methods with a ch
 (``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
 cast output chunk straight to its place in the shard, so a job holds a few chunk-sized buffers
 whatever the tensor's size. Chunks are read with ``preadv`` (``Checkpoint.read_range``), not
-from memory maps: see ``merge.inputstate`` (reading is ``merge.reads``). Other jobs (vocabulary alignment, LoRA-updated
-inputs, methods without a chunked form, MoE noise) read whole tensors and call ``Method.fn``.
+from memory maps: see ``merge.inputstate`` (the reads are ``merge.reads``). Other jobs
+(vocabulary alignment, LoRA-updated inputs, methods without a chunked form, MoE noise) read
+whole tensors and call ``Method.fn``.
 
 Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
 within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
