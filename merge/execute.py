@@ -51,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from merge.device.jobs import Backends, device_stream_job
-from merge.device.vram import placement, vram_bytes
+from merge.device.vram import placements
 from merge.errors import ComputeError
 from merge.finite import FiniteCheck
 from merge.globaltrim import GlobalTrim, global_jobs
@@ -314,10 +314,7 @@ def _run_into(
     mover = Mover(res.device) if res.device is not None else None
     backends = Backends(res.device) if res.device is not None else None
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
-    where, device_peaks = ["cpu"] * len(plan.jobs), [0] * len(plan.jobs)
-    if res.device is not None:
-        where = [placement(j, plan.models, plan.method, res.vram) for j in plan.jobs]
-        device_peaks = [vram_bytes(j, plan.models, plan.method, res.vram) for j in plan.jobs]
+    where, device_peaks = placements(plan.jobs, plan.models, plan.method, res)
     bar = tqdm(
         total=plan.shards.total_bytes,
         unit="B",

@@ -93,6 +93,17 @@ def vram_bytes(job: TensorJob, models: dict[str, Model], method: Method, budget:
     return whole_vram_bytes(job, models, method) if where == "whole" else 0
 
 
+def placements(
+    jobs: Sequence[TensorJob], models: dict[str, Model], method: Method, res: Resources
+) -> tuple[list[str], list[int]]:
+    """Each job's ``placement`` and device estimate under ``res`` (all ``"cpu"`` and 0
+    without a device)."""
+    if res.device is None:
+        return ["cpu"] * len(jobs), [0] * len(jobs)
+    where = [placement(j, models, method, res.vram) for j in jobs]
+    return where, [vram_bytes(j, models, method, res.vram) for j in jobs]
+
+
 @dataclass(frozen=True)
 class VramPlan:
     """The device side of a run: the budget, the worst case under it, how many jobs run on
