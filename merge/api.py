@@ -37,6 +37,7 @@ from merge.build.locked import LockUse, use_lock
 from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_manifest
 from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_NAME
 from merge.card.output import write as write_card_files
+from merge.device.vram import VramPlan, device_peak_line, vram_plan
 from merge.errors import OutputError
 from merge.execute import execute
 from merge.finite import FiniteCheck
@@ -176,6 +177,14 @@ def plan(
         return p
 
 
+def vram(p: Plan, resources: Resources) -> VramPlan | None:
+    """The device-memory schedule of ``p`` under ``resources`` (``None`` on the CPU)."""
+    if resources.device is None:
+        return None
+    dev, threads = str(resources.device), resources.threads
+    return vram_plan(p.jobs, p.models, p.method, dev, resources.vram, threads)
+
+
 def memory(p: Plan, resources: Resources) -> MemoryPlan:
     """The memory schedule of ``p`` under ``resources``: budget, worst case, tensors over it."""
     return memory_plan(p.jobs, p.models, p.method, resources.budget, resources.threads)
@@ -297,6 +306,7 @@ def run(
     threads: int | None = None,
     max_memory: str | int | None = None,
     device: str = "cpu",
+    max_vram: str | int | None = None,
     copy_tokenizer: bool = True,
     write_card: bool = True,
     allow_crimes: bool = False,
@@ -313,13 +323,15 @@ def run(
 ) -> Path:
     """Merge: plan, check the output location, download the weights of Hub models not in the
     cache (progress bars with ``progress``), stream every tensor, then finalize atomically.
-    ``warn`` gets each warning, ``info`` each line of an MoE's routing report. ``threads``
-    (default: every available core), ``max_memory`` (default: half the available RAM) and
-    ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``) change speed and memory, never the
-    output. ``copy_tokenizer`` and ``write_card`` false leave out the tokenizer files (unless a
-    recipe tokenizer setting built them) and README.md; ``allow_crimes`` merges models of
-    different architectures; ``trust_remote_code`` lets transformers run the models' code;
-    ``cache_dir`` is the Hugging Face cache for downloads (default: ``HF_HUB_CACHE`` etc.).
+    ``warn`` gets each warning, ``info`` each line of an MoE's routing report (and, on a device,
+    its memory peak). ``threads`` (default: every available core), ``max_memory`` (default: half
+    the available RAM) and ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``max_vram``:
+    its budget) change speed and memory, never the output (on a GPU: see ``merge.device`` for
+    the methods whose reductions round differently there). ``copy_tokenizer`` and ``write_card``
+    false leave out the tokenizer files (unless a recipe tokenizer setting built them) and
+    README.md; ``allow_crimes`` merges models of different architectures; ``trust_remote_code``
+    lets transformers run the models' code; ``cache_dir`` is the Hugging Face cache for
+    downloads (default: ``HF_HUB_CACHE`` etc.).
     The recipe's lock, when there is one (or ``lock``, a multi-stage build's), pins the Hub
     models; ``locked`` makes a missing lock, a recipe changed since it was locked or an input
     that differs from it an error (nothing written). ``lock_sha256`` (the lock the inputs were
@@ -330,7 +342,7 @@ def run(
     output is built in ``.OUT.partial`` beside it, with a journal of finished tensors; an
     interrupt keeps it, and ``resume`` continues from the tensors there whose bytes verify
     (``merge.resume``)."""
-    resources = Resources.resolve(threads, max_memory, device_name(device))
+    resources = Resources.resolve(threads, max_memory, device_name(device), max_vram)
     rec = recipe if isinstance(recipe, (Recipe, MoeRecipe)) else load_recipe(recipe)
     target = Path(out) if out is not None else default_output(rec.file)
     nbytes = shard_bytes(shard_size)
@@ -353,9 +365,10 @@ def run(
         lock=lock,
     ) as first:
         if warn is not None:
-            mem = memory(first, resources)
+            mem, on_device = memory(first, resources), vram(first, resources)
             dropped = _dropped(first, copy_tokenizer)
-            for w in [*first.warnings, *mem.warnings(), *dropped, *stale_siblings(target)]:
+            mem_warnings = [*mem.warnings(), *(on_device.warnings() if on_device else [])]
+            for w in [*first.warnings, *mem_warnings, *dropped, *stale_siblings(target)]:
                 warn(w)
         _check_output(first, target, overwrite, resume)
         with _downloaded(first, again, progress) as p:
@@ -383,6 +396,8 @@ def run(
                         journal=journal,
                         resume=kept,
                     )
+                    if info is not None and resources.device is not None:
+                        info(device_peak_line(resources))
                     write_extras(p, tmp, copy_tokenizer=copy_tokenizer)
                     _copy_lock(p, lock, tmp, stages_text)
                     inputs = hashes.result()

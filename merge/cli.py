@@ -75,6 +75,7 @@ def run(
     threads: opt.ThreadsOpt = None,
     max_memory: opt.MemoryOpt = None,
     device: opt.DeviceOpt = None,
+    max_vram: opt.VramOpt = None,
     cuda: opt.CudaOpt = False,
     gpu_rich: opt.GpuRichOpt = False,
     copy_tokenizer: opt.CopyTokenizerOpt = True,
@@ -135,7 +136,7 @@ def run(
 
     def go() -> str:
         dev = device_name(device, cuda, gpu_rich)
-        Resources.resolve(threads, max_memory, dev)  # bad options before recipe problems
+        Resources.resolve(threads, max_memory, dev, max_vram)  # bad options first
         # a missing token fails now, not after the build
         send = publishing.publisher(echo=None if quiet else _note_line)
         settings = Settings(
@@ -159,7 +160,7 @@ def run(
             intermediate_dir=intermediate_dir,
             lazy=lazy,
             report=None if quiet else _note_line,
-            **_reporting(quiet, threads, max_memory, dev),
+            **_reporting(quiet, threads, max_memory, dev, max_vram),
         )
         if send is not None:
             send(target if target is not None else default_output(recipe))
@@ -218,6 +219,8 @@ def plan(
     out_shard_size: opt.ShardOpt = "5GB",
     threads: opt.ThreadsOpt = None,
     max_memory: opt.MemoryOpt = None,
+    device: opt.DeviceOpt = None,
+    max_vram: opt.VramOpt = None,
     allow_crimes: opt.AllowCrimesOpt = False,
     trust_remote_code: opt.TrustRemoteCodeOpt = False,
     transformers_cache: opt.CacheOpt = None,
@@ -228,7 +231,8 @@ def plan(
 ) -> None:
     """Print every output tensor of RECIPE: sources, method, parameters; and the peak memory.
 
-    The expected peak memory is that of the run under the budget (--threads, --max-memory).
+    The expected peak memory is that of the run under the budget (--threads, --max-memory);
+    with --device cuda, the expected VRAM peak under --max-vram too.
     A multi-stage RECIPE prints each stage's plan (--json: a list, one object per stage)."""
     from merge import api
     from merge.build import multistage as ms
@@ -238,7 +242,10 @@ def plan(
     from merge.resources import Resources
 
     def go() -> Any:
-        resources = Resources.resolve(threads, max_memory)
+        from merge.settings import device_name
+
+        dev = device_name(device)
+        resources = Resources.resolve(threads, max_memory, dev, max_vram, planning=True)
         rec = load(recipe)
         settings = ms.Settings(
             seed=seed,
@@ -255,10 +262,12 @@ def plan(
             return ms.stages_plan_text(plans, resources)
         p = api.plan(rec, **settings.plan_options())
         mem = api.memory(p, resources)
-        _warn([*p.warnings, *mem.warnings()], quiet)
+        vram = api.vram(p, resources)
+        _warn([*p.warnings, *mem.warnings(), *(vram.warnings() if vram else [])], quiet)
         if as_json:
-            return json.dumps({**plan_json(p), "memory": mem.as_json()}, indent=2)
-        return plan_text(p) + "\n" + mem.line()
+            extra = {"vram": vram.as_json()} if vram else {}
+            return json.dumps({**plan_json(p), "memory": mem.as_json(), **extra}, indent=2)
+        return plan_text(p) + "\n" + mem.line() + (f"\n{vram.line()}" if vram else "")
 
     typer.echo(_guard(go, quiet))
 

@@ -126,7 +126,13 @@ def _note_line(line: str) -> None:
     typer.echo(escape_control(line), err=True)
 
 
-def _reporting(quiet: bool, threads: int | None, max_memory: str | None, dev: str) -> dict:
+def _reporting(
+    quiet: bool,
+    threads: int | None,
+    max_memory: str | None,
+    dev: str,
+    max_vram: str | None = None,
+) -> dict:
     """The keywords of a build that change neither what nor whether it builds."""
     return {
         "progress": not quiet,
@@ -135,6 +141,7 @@ def _reporting(quiet: bool, threads: int | None, max_memory: str | None, dev: st
         "threads": threads,
         "max_memory": max_memory,
         "device": dev,
+        "max_vram": max_vram,
     }
 
 

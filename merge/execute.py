@@ -12,16 +12,20 @@ Most jobs are streamed (``merge.memory.streamed``): copies and methods with a ch
 (``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
 cast output chunk straight to its place in the shard, so a job holds a few chunk-sized buffers
 whatever the tensor's size. Chunks are read with ``preadv`` (``Checkpoint.read_range``), not
-from memory maps: see ``merge.inputstate``. Other jobs (vocabulary alignment, LoRA-updated
-inputs, methods without a chunked form, MoE noise) read whole tensors and call ``Method.fn``.
+from memory maps: see ``merge.inputstate`` (the reads are ``merge.reads``). Other jobs
+(vocabulary alignment, LoRA-updated inputs, methods without a chunked form, MoE noise) read
+whole tensors and call ``Method.fn``.
 
 Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
 within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
 intra-op thread per job and each random job gets its own generator seeded from (seed, output
 tensor name), and chunk bounds depend on shapes only, so outputs are bit-identical whatever
 the thread count or budget. Global trim's tie quota is handed out per job before the merge
-(``GlobalTrim.allot``). With ``--device cuda`` the inputs are moved to the GPU as stored, the
-method runs there in float32 on whole tensors and the cast result comes back for writing.
+(``GlobalTrim.allot``). With ``--device cuda`` (``merge.device``) streamed jobs run chunk by
+chunk on the GPU, the stored bytes copied in through pinned buffers while the previous chunk
+computes and the cast chunks copied back the same way; jobs that cannot stream move their
+whole inputs there when they fit ``--max-vram`` (else they run on the CPU); copies stay on
+the CPU. Device jobs are admitted within ``--max-vram`` as well as ``--max-memory``.
 
 MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (seeded by the
 output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
@@ -31,8 +35,7 @@ ready-made in ``computed`` (name -> float32 tensor) and only casts.
 hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
 ``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
 
-What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
-MoE noise and the global-trim statistics passes on the GPU.
+What it does not do: run copies, MoE noise and the global-trim statistics passes on the GPU.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from merge.errors import CheckpointError, ComputeError
-from merge.finite import FiniteCheck, InputChunks, InputTally
+from merge.device.jobs import Backends, device_stream_job
+from merge.device.vram import placements
+from merge.errors import ComputeError
+from merge.finite import FiniteCheck
 from merge.globaltrim import GlobalTrim, global_jobs
 from merge.jobs import Plan, TensorJob, tensor_seed
 from merge.memory import (
@@ -58,148 +63,22 @@ from merge.memory import (
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
+from merge.reads import (
+    chunk_reader,
+    flat_view,
+    flat_views,
+    input_chunks,
+    job_chunks,
+    job_models,
+    read_inputs,
+    read_tensor,
+)
 from merge.resources import Resources
 from merge.sink import TensorSink
-from merge.vocab import align
 from merge.writer import ShardWriter
 
 if TYPE_CHECKING:
     from merge.resume import Journal
-
-
-def _read(plan: Plan, model: str, name: str) -> torch.Tensor:
-    try:
-        return plan.models[model].checkpoint.read(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a corrupt file that passed header checks
-        raise CheckpointError(f"model '{model}': cannot read tensor '{name}': {e}") from None
-
-
-# --- vocabulary alignment (embeddings, lm_head; see merge.vocab) ------------------------------
-
-
-def _align_vocab(
-    plan: Plan, job: TensorJob, tensors: list[torch.Tensor], base: torch.Tensor | None
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Move the inputs and the base into the output vocabulary's rows (reading the rows that
-    overrides take from models outside the job), before the method sees them."""
-    assert job.vocab is not None
-    by_model = {i.model: t for i, t in zip(job.inputs, tensors, strict=True)}
-    if job.base is not None and base is not None:
-        by_model[job.base.model] = base
-    for extra in job.vocab.extra:
-        by_model[extra.model] = _read(plan, extra.model, extra.name).to(torch.float32)
-    aligned = align(job.vocab.alignment, by_model)
-    del by_model
-    new_base = aligned[job.base.model] if job.base is not None else None
-    return [aligned[i.model] for i in job.inputs], new_base
-
-
-# --- jobs -------------------------------------------------------------------------------------
-
-
-def read_inputs(plan: Plan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """A job's inputs and base as float32, in the output vocabulary for vocabulary tensors."""
-    tensors = [_read(plan, i.model, i.name).to(torch.float32) for i in job.inputs]
-    base = _read(plan, job.base.model, job.base.name).to(torch.float32) if job.base else None
-    if job.vocab is not None:
-        tensors, base = _align_vocab(plan, job, tensors, base)
-    return tensors, base
-
-
-class Flat:
-    """One input tensor, flattened, read by slices (``flat[start:stop]``: a fresh tensor in
-    the stored dtype, from ``TensorSource.read_range``)."""
-
-    def __init__(self, plan: Plan, model: str, name: str) -> None:
-        self.source = plan.models[model].checkpoint
-        self.model, self.name = model, name
-        self.dtype = self.source.tensors[name].dtype
-
-    def __getitem__(self, span: slice) -> torch.Tensor:
-        try:
-            return self.source.read_range(self.name, span.start, span.stop)
-        except CheckpointError:
-            raise
-        except Exception as e:  # a corrupt file that passed header checks
-            raise CheckpointError(
-                f"model '{self.model}': cannot read tensor '{self.name}': {e}"
-            ) from None
-
-
-def _view(plan: Plan, model: str, name: str) -> Flat:
-    """One tensor of a streamed job, read by slices (stored dtype)."""
-    return Flat(plan, model, name)
-
-
-def _views(plan: Plan, job: TensorJob) -> tuple[list[Flat], Flat | None]:
-    """A streamed job's inputs and base, read by slices (stored dtype)."""
-    xs = [_view(plan, i.model, i.name) for i in job.inputs]
-    return xs, _view(plan, job.base.model, job.base.name) if job.base else None
-
-
-def _chunk_reader(
-    plan: Plan, job: TensorJob, stored: bool = False, tally: InputTally | None = None
-) -> Callable[[int, int], Any]:
-    """``read(start, stop)``: chunks of a streamed job's inputs and base, as float32 (with
-    ``stored``: floating inputs as stored, for streams that only subtract the float32 base);
-    a ``tally`` sees each chunk as stored (``merge.finite``)."""
-    xs, base = _views(plan, job)
-    f32 = torch.float32
-    keep = [stored and x.dtype.is_floating_point for x in xs]
-    models = _models(job)
-
-    def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        raw_base = None if base is None else base[start:stop]
-        parts = [x[start:stop] for x in xs]
-        if tally is not None:
-            held = [*parts, *([raw_base] if raw_base is not None else [])]
-            tally(start, list(zip(models, held, strict=True)))
-        chunk_base = None if raw_base is None else raw_base.to(f32)
-        return [p if k else p.to(f32) for p, k in zip(parts, keep, strict=True)], chunk_base
-
-    return read
-
-
-def job_chunks(plan: Plan, job: TensorJob) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """A job's inputs and base in chunks (whole tensors where it cannot stream) for the global
-    trim, which only uses ``x - base``: the base in float32, streamed inputs as stored."""
-    if streamed(job, plan.models, plan.method):
-        read = _chunk_reader(plan, job, stored=True)
-        for start, stop in chunk_bounds(job.numel):
-            xs, base = read(start, stop)
-            assert base is not None  # the planner gives every trim job a base
-            yield xs, base
-        return
-    tensors, whole_base = read_inputs(plan, job)
-    if whole_base is None:  # the planner gives every trim job a base
-        raise RuntimeError(f"'{job.name}': global trim needs a base tensor")
-    yield tensors, whole_base
-
-
-def _models(job: TensorJob) -> list[str]:
-    return [r.model for r in [*job.inputs, *([job.base] if job.base else [])]]
-
-
-def _input_chunks(plan: Plan, job: TensorJob) -> InputChunks:
-    """A job's inputs and base as (model, values), chunk by chunk (``Flat``) where
-    they can be read by ranges, else whole (only read when an output chunk is not finite)."""
-    reads = [*job.inputs, *([job.base] if job.base else [])]
-
-    def chunks() -> Iterator[list[tuple[str, torch.Tensor]]]:
-        views = all(plan.models[r.model].checkpoint.can_view(r.name) for r in reads)
-        if views and job.vocab is None:  # a vocabulary tensor's inputs have their own rows
-            xs, base = _views(plan, job)
-            pairs = list(
-                zip(_models(job), [*xs, *([base] if base is not None else [])], strict=True)
-            )
-            for start, stop in chunk_bounds(job.numel):
-                yield [(m, x[start:stop]) for m, x in pairs]
-        else:
-            yield [(r.model, _read(plan, r.model, r.name)) for r in reads]
-
-    return chunks
 
 
 def _agree(job: TensorJob, tensor: torch.Tensor, others: list[torch.Tensor]) -> None:
@@ -219,10 +98,10 @@ def _stream_job(
     plan: Plan, job: TensorJob, params: dict[str, Any], writer: TensorSink, finite: FiniteCheck
 ) -> None:
     """Run a streamed job: chunks read from the files, each output chunk to its shard."""
-    models, inputs = _models(job), _input_chunks(plan, job)
+    models, inputs = job_models(job), input_chunks(plan, job)
     if job.copy:
-        (view,), _ = _views(plan, job)
-        others = [_view(plan, a.model, a.name) for a in job.agree]
+        (view,), _ = flat_views(plan, job)
+        others = [flat_view(plan, a.model, a.name) for a in job.agree]
         for start, stop in chunk_bounds(job.numel):
             part = view[start:stop]
             _agree(job, part, [o[start:stop] for o in others])
@@ -240,15 +119,15 @@ def _stream_job(
         finite.chunk(job.name, chunk, cast, models, inputs)
         writer.write_part(job.name, start, cast)
 
-    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs, tally), emit)
+    merge_chunks(state, job.numel, chunk_reader(plan, job, state.stored_inputs, tally), emit)
     if tally is not None:
         tally.done()
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
     """A copied tensor, with an MoE expert's noise and scale applied in float32."""
-    tensor = _read(plan, job.inputs[0].model, job.inputs[0].name)
-    _agree(job, tensor, [_read(plan, a.model, a.name) for a in job.agree])
+    tensor = read_tensor(plan, job.inputs[0].model, job.inputs[0].name)
+    _agree(job, tensor, [read_tensor(plan, a.model, a.name) for a in job.agree])
     if job.noise == 0.0 and job.scale == 1.0:
         return tensor
     out = tensor.to(torch.float32)
@@ -267,10 +146,10 @@ def _device_inputs(
         tensors, base = read_inputs(plan, job)
         moved = None if base is None else mover.put(base)
         return [mover.put(t) for t in tensors], moved
-    tensors = [mover.put(_read(plan, i.model, i.name)).float() for i in job.inputs]
+    tensors = [mover.put(read_tensor(plan, i.model, i.name)).float() for i in job.inputs]
     if job.base is None:
         return tensors, None
-    return tensors, mover.put(_read(plan, job.base.model, job.base.name)).float()
+    return tensors, mover.put(read_tensor(plan, job.base.model, job.base.name)).float()
 
 
 def _rng(plan: Plan, job: TensorJob) -> torch.Generator | None:
@@ -320,7 +199,7 @@ def run_job(
     if job.copy:
         source = _copy(plan, job)
         cast = source.to(job.dtype)
-        check.chunk(job.name, source, cast, _models(job), _input_chunks(plan, job))
+        check.chunk(job.name, source, cast, job_models(job), input_chunks(plan, job))
         return cast
     with mover.stream() if mover is not None else nullcontext():
         if mover is not None:
@@ -328,10 +207,10 @@ def run_job(
         else:
             tensors, base = read_inputs(plan, job)
         held = [*tensors, *([base] if base is not None else [])]
-        check.inputs(job.name, lambda: iter([list(zip(_models(job), held, strict=True))]))
+        check.inputs(job.name, lambda: iter([list(zip(job_models(job), held, strict=True))]))
         out = _apply(plan, job, tensors, base, job.params if params is None else params)
         cast = out.to(job.dtype)
-        check.chunk(job.name, out, cast, _models(job), _input_chunks(plan, job))
+        check.chunk(job.name, out, cast, job_models(job), input_chunks(plan, job))
         return mover.back(cast) if mover is not None else cast
 
 
@@ -433,7 +312,9 @@ def _run_into(
     """Run every job not in ``sink.done`` on the worker pool, each output into ``sink``."""
     check = finite or FiniteCheck()
     mover = Mover(res.device) if res.device is not None else None
+    backends = Backends(res.device) if res.device is not None else None
     peaks = [job_peak_bytes(j, plan.models, plan.method) for j in plan.jobs]
+    where, device_peaks = placements(plan.jobs, plan.models, plan.method, res)
     bar = tqdm(
         total=plan.shards.total_bytes,
         unit="B",
@@ -449,14 +330,26 @@ def _run_into(
         def work(i: int) -> None:
             job = plan.jobs[i]
             params = trimmed.get(job.name, job.params)
-            if mover is None and streamed(job, plan.models, plan.method):
+            if where[i] == "stream":
+                assert backends is not None
+                device_stream_job(plan, job, params, sink, check, backends.get(), _rng(plan, job))
+            elif where[i] == "cpu" and streamed(job, plan.models, plan.method):
                 _stream_job(plan, job, params, sink, check)
             else:
-                out = run_job(plan, job, params, computed, mover=mover, finite=check)
+                on = mover if where[i] == "whole" else None
+                out = run_job(plan, job, params, computed, mover=on, finite=check)
                 sink.write(job.name, out)
             sink.finish(job.name)
             with lock:
                 bar.update(job.numel * job.dtype.itemsize)
 
         order = [i for i in job_order(plan.jobs) if plan.jobs[i].name not in sink.done]
-        run_jobs(work, order, peaks=peaks, budget=res.budget, threads=res.threads)
+        run_jobs(
+            work,
+            order,
+            peaks=peaks,
+            budget=res.budget,
+            threads=res.threads,
+            device_peaks=device_peaks,
+            device_budget=res.vram,
+        )

@@ -140,6 +140,16 @@ MemoryOpt = Annotated[
         show_default=False,
     ),
 ]
+VramOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-vram",
+        metavar="SIZE",
+        help="With --device cuda: budget for device memory in flight, e.g. 20GB "
+        "(default: 80% of the free device memory).",
+        show_default=False,
+    ),
+]
 DeviceOpt = Annotated[
     str | None,
     typer.Option(

@@ -18,6 +18,9 @@ thread count or budget.
 them to the kernel and faulting fresh zeroed pages in for the next chunk (page faults were
 most of a merge's system time).
 
+With ``--device cuda`` a second budget, device bytes (``--max-vram``), admits jobs the same
+way.
+
 ``Mover`` carries a job's tensors to a device (pinned memory, non-blocking copies on a CUDA
 stream per worker) and the result back.
 
@@ -106,12 +109,22 @@ def run_jobs(
     peaks: Sequence[int],
     budget: int,
     threads: int,
+    device_peaks: Sequence[int] | None = None,
+    device_budget: int = 0,
 ) -> None:
     """Run ``work(i)`` for every ``i`` of ``order`` on ``threads`` workers within ``budget``
-    (``peaks[i]``: job ``i``'s estimated bytes while it runs). The first exception (a
+    (``peaks[i]``: job ``i``'s estimated bytes while it runs) and, with ``device_peaks``
+    (device bytes, ``merge.device.vram``), within ``device_budget`` too (a job needing no
+    device memory is never held back by it). The first exception (a
     worker's, a KeyboardInterrupt) cancels the jobs not started, waits for the running ones
     and propagates."""
     running: dict[int, Future[Any]] = {}
+    dev = device_peaks or [0] * len(peaks)
+
+    def admit(i: int) -> bool:
+        host = fits(sum(peaks[j] for j in running), peaks[i], budget)
+        charged = sum(dev[j] for j in running)
+        return host and (dev[i] == 0 or fits(charged, dev[i], device_budget))
 
     def reap() -> None:
         done, _ = wait(list(running.values()), return_when=FIRST_COMPLETED)
@@ -121,10 +134,7 @@ def run_jobs(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge-job") as pool:
         try:
             for i in order:
-                while running and (
-                    len(running) >= threads
-                    or not fits(sum(peaks[j] for j in running), peaks[i], budget)
-                ):
+                while running and (len(running) >= threads or not admit(i)):
                     reap()
                 running[i] = pool.submit(work, i)
             while running:

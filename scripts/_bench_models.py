@@ -52,6 +52,9 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(576, 1536, 30, 9, 3, 49152, True, 100 * 2**20),
     # TinyLlama-1.1B's shape: 1.1B parameters, 2.2 GB in bf16.
     "1b": Preset(2048, 5632, 22, 32, 4, 32000, False, 2**30),
+    # Mistral-7B's shape: 7.2B parameters, 14.5 GB in bf16 per model (4 models: about 58 GB
+    # of disk, plus each output's 14.5 GB); generated on demand, one tensor in memory at a time.
+    "7b": Preset(4096, 14336, 32, 32, 8, 32000, False, 5 * 2**30),
 }
 
 

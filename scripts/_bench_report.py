@@ -73,6 +73,9 @@ def to_markdown(result: dict) -> str:  # type: ignore[type-arg]
     cols += [f"CPU ({tools})", "output MB"]
     if not compare:
         cols = [c for c in cols if "mergekit s" not in c and c != "ours/mergekit"]
+    gpu = any(isinstance(r.get("ours_gpu"), dict) for r in result["results"])
+    if gpu:
+        cols += ["GPU s", "GPU/CPU", "VRAM peak MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in result["results"]:
         ours = row.get("ours")
@@ -88,11 +91,15 @@ def to_markdown(result: dict) -> str:  # type: ignore[type-arg]
         cells.append(_pair(row, "cpu_util", _cpu))
         size = ours.get("output_bytes") if isinstance(ours, dict) else None
         cells.append(_size(size))
+        if gpu:
+            on_gpu = row.get("ours_gpu")
+            cells += [_time(on_gpu), _ratio(row, "gpu_over_cpu")]
+            cells.append(_size(on_gpu.get("vram_peak") if isinstance(on_gpu, dict) else None))
         lines.append("| " + " | ".join(cells) + " |")
     failures = [
         f"- `{row['recipe']}` {tool}: {row[tool].get('error', '')}"
         for row in result["results"]
-        for tool in ("ours", "mergekit")
+        for tool in ("ours", "ours_gpu", "mergekit")
         if isinstance(row.get(tool), dict) and not row[tool].get("ok")
     ]
     notes = "\nFailed runs:\n" + "\n".join(failures) + "\n" if failures else ""

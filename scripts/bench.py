@@ -5,24 +5,31 @@
         --out bench.json --markdown bench.md
 
 Design: ``_bench_models`` generates a base and three fine-tunes of a preset (``tiny``, ``small``
-~134M, ``1b`` ~1.1B parameters; cached under ``--workdir``), this module writes one recipe per
-benchmarked method with absolute model paths, and runs each recipe ``--repeat`` times per tool as a
-subprocess (ours: ``merge run RECIPE OUT -q``; mergekit: ``mergekit-yaml``/``mergekit-moe`` of the
-given python's environment), interleaved with the I/O floor of the same recipe (``_bench_measure``:
-a bare python reading the recipe's inputs once and writing as many bytes as our output). Runs are
-warm: the inputs are read once before a recipe's first run. Every measured run starts after an
-``os.sync()`` and each output is deleted once measured (``--keep-outputs`` keeps the last), so
-no run pays for writing back an earlier run's output, and old outputs never push the inputs out
-of the page cache (at the ``1b`` preset they would). It reports min and median wall time,
-peak RSS and peak anonymous memory, CPU utilisation and output size, and the ratios ours/mergekit
-and ours/floor, as JSON and as a markdown table with the machine and versions.
+~134M, ``1b`` ~1.1B, ``7b`` ~7.2B parameters; cached under ``--workdir``), this module writes
+one recipe per benchmarked method with absolute model paths, and runs each recipe ``--repeat``
+times per tool as a subprocess (ours: ``merge run RECIPE OUT -q``; mergekit:
+``mergekit-yaml``/``mergekit-moe`` of the given python's environment), interleaved with the I/O
+floor of the same recipe (``_bench_measure``: a bare python reading the recipe's inputs once and
+writing as many bytes as our output). Runs are warm: the inputs are read once before a recipe's
+first run. Every measured run starts after an ``os.sync()`` and each output is deleted once
+measured (``--keep-outputs`` keeps the last), so no run pays for writing back an earlier run's
+output, and old outputs never push the inputs out of the page cache (at the ``1b`` preset they
+would). It reports min and median wall time, peak RSS and peak anonymous memory, CPU utilisation
+and output size, and the ratios ours/mergekit and ours/floor, as JSON and as a markdown table
+with the machine and versions.
+
+``--device cuda[:N]`` adds a third tool, ``ours_gpu``: ``merge run --device DEVICE`` (with
+``--max-vram``), not quiet, so its last stderr line gives the device memory peak (the
+allocator's ``max_memory_allocated``), reported as ``vram_peak`` with the ratio
+``gpu_over_cpu`` of median wall times. The ``7b`` preset (Mistral-7B's shape) needs about 58 GB
+of disk for its four models (14.5 GB each, generated one tensor at a time) plus an output.
 
 ``--offline`` runs another scenario instead (``_bench_offline``): ``merge validate`` of a recipe
 with ``--hub-models`` Hub models while the Hub (``--endpoint``) cannot be reached, timed as a
 subprocess, printed as one line (wall time, number of models) and written to ``--out``.
 
 Not done here: checking that outputs agree between tools (the test suite does that for the
-methods), cold-cache runs, or GPU runs (pass ``--merge-args`` to add options to ours).
+methods; on a GPU, tests/test_gpu_cuda.py), or cold-cache runs.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -126,6 +134,10 @@ def _mergekit_cmd(python: str, moe: bool) -> list[str]:
 
 
 def _command(tool: str, args: argparse.Namespace, recipe: Path, out: Path, moe: bool) -> list[str]:
+    if tool == "ours_gpu":  # not -q: the run's last stderr line is its device memory peak
+        vram = ["--max-vram", args.max_vram] if args.max_vram else []
+        dev = ["--device", args.device, *vram]
+        return _merge_cmd() + ["run", str(recipe), str(out), *dev] + shlex.split(args.merge_args)
     if tool == "ours":
         return _merge_cmd() + ["run", str(recipe), str(out), "-q"] + shlex.split(args.merge_args)
     extra = shlex.split(args.mergekit_args)
@@ -178,13 +190,24 @@ def _run_tool(
     return sample, size
 
 
+VRAM_LINE = re.compile(r"device memory peak: .*\((\d+) bytes\)")
+
+
+def vram_peak(log: Path) -> int | None:
+    """The device memory peak that ``merge run --device cuda`` printed into ``log``."""
+    found = VRAM_LINE.findall(log.read_text(errors="replace")) if log.exists() else []
+    return int(found[-1]) if found else None
+
+
 def bench_recipe(name: str, models: list[Path], args: argparse.Namespace) -> dict[str, object]:
     """Run one recipe ``args.repeat`` times per tool, each repetition followed by its floor."""
     recipe = args.workdir / "recipes" / f"{name}.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(json.dumps(recipe_dict(name, models), indent=2))  # JSON is valid YAML
     files = input_files(name, models)
-    tools = ["ours"] + (["mergekit"] if args.compare == "mergekit" else [])
+    tools = ["ours"] + (["ours_gpu"] if args.device != "cpu" else [])
+    tools += ["mergekit"] if args.compare == "mergekit" else []
+    vram: list[int] = []
     scratch = args.workdir / "out" / "floor"
     bm.floor(files, 0, scratch, args.workdir / "logs" / "warmup.log")  # warm the page cache
     samples: dict[str, list[bm.Sample]] = {t: [] for t in ["floor"] + tools}
@@ -194,6 +217,9 @@ def bench_recipe(name: str, models: list[Path], args: argparse.Namespace) -> dic
             sample, size = _run_tool(tool, args, recipe, name)
             samples[tool].append(sample)
             sizes[tool] = sizes.get(tool) or size
+            peak = vram_peak(args.workdir / "logs" / f"{tool}-{name}.log")
+            if tool == "ours_gpu" and peak is not None:
+                vram.append(peak)
         out_bytes = sizes.get("ours") or sizes.get("mergekit") or 0
         log = args.workdir / "logs" / f"floor-{name}.log"
         os.sync()
@@ -205,6 +231,8 @@ def bench_recipe(name: str, models: list[Path], args: argparse.Namespace) -> dic
     }
     for tool, runs in samples.items():
         row[tool] = summarize(runs, sizes.get(tool, sizes.get("ours", 0)))
+    if vram:
+        row["ours_gpu"]["vram_peak"] = max(vram)  # type: ignore[index]
     row["ratios"] = _ratios(row)
     return row
 
@@ -216,6 +244,9 @@ def _ratios(row: dict[str, object]) -> dict[str, float]:
 
     ours, mk, floor = median("ours"), median("mergekit"), median("floor")
     ratios = {}
+    gpu = median("ours_gpu")
+    if ours and gpu:
+        ratios["gpu_over_cpu"] = round(gpu / ours, 3)
     if ours and mk:
         ratios["ours_over_mergekit"] = round(ours / mk, 3)
     if ours and floor:
@@ -264,6 +295,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
         "machine": bm.machine(),
         "versions": versions(args),
         "merge_args": args.merge_args,
+        "device": args.device,
+        "max_vram": args.max_vram or None,
         "mergekit_args": args.mergekit_args if args.compare else None,
         "results": rows,
     }
@@ -289,6 +322,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mergekit-python", default="", help="python of a venv with mergekit")
     p.add_argument("--merge-args", default="", help="extra options for `merge run`")
     p.add_argument("--mergekit-args", default="", help="extra options for mergekit")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cuda or cuda:N: also time `merge run --device DEVICE` (ratio gpu_over_cpu)",
+    )
+    p.add_argument("--max-vram", default="", help="--max-vram of the --device runs")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     p.add_argument(
         "--keep-outputs",

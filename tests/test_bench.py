@@ -167,3 +167,31 @@ def test_offline_scenario_times_validate_against_an_unreachable_hub(tmp_path: Pa
     assert run["returncode"] == 2 and run["error_lines"] == 3 and run["retry_lines"] == 0
     assert result["wall_median_s"] == run["wall_s"] > 0
     assert "3 Hub models" in bench.offline_line(result)
+
+
+def test_bench_device_runs_ours_on_the_gpu_and_reports_vram(tmp_path: Path) -> None:
+    """--device cuda: the GPU tool's command, its VRAM peak from the run's log, the ratio and
+    the table's GPU columns (without a GPU: on a made-up result)."""
+    from _bench_report import to_markdown
+
+    args = bench.parse_args(["--device", "cuda:1", "--max-vram", "4GB", "--merge-args", "-t 2"])
+    cmd = bench._command("ours_gpu", args, Path("r.yaml"), Path("o"), False)
+    assert cmd[1:] == ["run", "r.yaml", "o", "--device", "cuda:1", "--max-vram", "4GB", "-t", "2"]
+    log = tmp_path / "ours_gpu-linear.log"
+    log.write_text("note\ndevice memory peak: 1.23 GB on cuda:1, --max-vram 4.00 GB (1234 bytes)\n")
+    assert bench.vram_peak(log) == 1234 and bench.vram_peak(tmp_path / "none.log") is None
+    ok = {"ok": True, "wall_median_s": 2.0, "wall_min_s": 1.0, "peak_rss": 1, "peak_anon": 1}
+    row = {"recipe": "linear", "models": 2, "input_bytes": 10, "ours": {**ok, "cpu_util": 1.0}}
+    row["ours_gpu"] = {**ok, "wall_median_s": 1.0, "vram_peak": 50 * 2**20, "cpu_util": 1.0}
+    row["floor"] = ok
+    row["ratios"] = bench._ratios(row)
+    assert row["ratios"]["gpu_over_cpu"] == 0.5
+    result = {"results": [row], "preset": "7b", "repeat": 1, "command": "c", "seed": 0}
+    result |= {
+        "parameters_per_model": parameter_count(PRESETS["7b"]),
+        "machine": bm.machine(),
+        "versions": {},
+    }
+    assert 7.0e9 < result["parameters_per_model"] < 7.5e9  # Mistral-7B's shape
+    table = to_markdown(result)
+    assert "GPU/CPU" in table and "| 0.50 | 52 |" in table

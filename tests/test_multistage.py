@@ -335,6 +335,11 @@ def test_validate_and_plan_show_every_stage(tmp_path: Path, models: dict[str, Pa
     assert code == 0, stderr
     assert stdout.startswith("== stage first (line 1): linear\nrecipe: ")
     assert "\n== final stage (line 18): dare_ties\n" in stdout
+    code, stdout, stderr = cli("plan", recipe, "--device", "cuda", "--max-vram", "2GB")
+    assert code == 0, stderr
+    assert stdout.count("VRAM budget: 2.00 GB on cuda: expected peak") == 3  # each stage
+    code, stdout, stderr = cli("plan", recipe, "--json", "--device", "cuda", "--max-vram", "2GB")
+    assert code == 0 and all(p["vram"]["budget_bytes"] == 2 * 10**9 for p in json.loads(stdout))
     assert not any(tmp_path.glob("*-stages")) and not (tmp_path / "st").exists()
 
 

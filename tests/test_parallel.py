@@ -325,16 +325,16 @@ def test_cuda_matches_cpu(tmp_path: Path, method: str, wide: tuple[Path, Path, P
 def test_worker_error_leaves_nothing_behind(
     tmp_path: Path, llama_base: Path, llama_ft1: Path, llama_ft2: Path, monkeypatch: Any
 ) -> None:
-    import merge.execute as ex
+    import merge.reads as rd
 
-    real = ex._views
+    real = rd.flat_views
 
     def failing(plan: Any, job: Any) -> Any:
         if job.name.endswith("layers.1.mlp.down_proj.weight"):
             raise CheckpointError(f"model 'm': cannot read tensor '{job.name}': bad bytes")
         return real(plan, job)
 
-    monkeypatch.setattr(ex, "_views", failing)
+    monkeypatch.setattr(rd, "flat_views", failing)
     recipe = recipes(llama_base, llama_ft1, llama_ft2)["ties"]
     with pytest.raises(CheckpointError, match="cannot read tensor 'model.layers.1.mlp.down_proj"):
         run_recipe(tmp_path, recipe, "out", threads=4)

@@ -29,6 +29,7 @@ from test_parallel import shard_bytes
 import merge.execute as execute
 import merge.memory as memory
 import merge.methods.stream as stream
+import merge.reads as reads
 from merge import api
 from merge.memory import job_peak_bytes, streamed
 from merge.methods import get_method
@@ -188,7 +189,7 @@ class Reads:
     def __init__(self, monkeypatch: Any) -> None:
         self.largest = 0
         self.whole: list[str] = []
-        flat_get = execute.Flat.__getitem__
+        flat_get = reads.Flat.__getitem__
 
         def get(flat: Any, span: slice) -> torch.Tensor:
             self.largest = max(self.largest, span.stop - span.start)
@@ -199,7 +200,7 @@ class Reads:
             return read_whole(plan, job)
 
         read_whole = execute.read_inputs
-        monkeypatch.setattr(execute.Flat, "__getitem__", get)
+        monkeypatch.setattr(reads.Flat, "__getitem__", get)
         monkeypatch.setattr(execute, "read_inputs", read_inputs)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from merge import __version__
-from merge.api import memory, plan, shard_bytes, write_extras
+from merge.api import memory, plan, shard_bytes, vram, write_extras
 from merge.build.inputs import identify
 from merge.build.locked import LockUse, use_lock
 from merge.build.stages import Stage, Stages
@@ -276,10 +276,13 @@ def stages_summary(plans: list[StagePlan]) -> list[str]:
 
 
 def stages_plan_text(plans: list[StagePlan], resources: Resources) -> str:
-    """Each stage's plan (``merge.report.plan_text``) and memory line, under its header."""
+    """Each stage's plan (``merge.report.plan_text``) and memory line (and VRAM line, on a
+    device), under its header."""
     parts = []
     for sp in plans:
         body = plan_text(sp.plan) + "\n" + memory(sp.plan, resources).line()
+        on_device = vram(sp.plan, resources)
+        body += f"\n{on_device.line()}" if on_device else ""
         parts.append(f"== {stage_header(sp)}\n{body}")
     return "\n\n".join(parts)
 
@@ -295,9 +298,15 @@ def stages_plan_json(plans: list[StagePlan], resources: Resources) -> list[dict[
             "uses": sp.uses,
             **plan_json(sp.plan),
             "memory": memory(sp.plan, resources).as_json(),
+            **_vram_json(sp, resources),
         }
         for sp in plans
     ]
+
+
+def _vram_json(sp: StagePlan, resources: Resources) -> dict[str, Any]:
+    on_device = vram(sp.plan, resources)
+    return {"vram": on_device.as_json()} if on_device else {}
 
 
 def stage_warnings(plans: list[StagePlan], resources: Resources | None = None) -> list[str]:
@@ -308,5 +317,7 @@ def stage_warnings(plans: list[StagePlan], resources: Resources | None = None) -
         found = [*sp.plan.warnings]
         if resources is not None:
             found += memory(sp.plan, resources).warnings()
+            on_device = vram(sp.plan, resources)
+            found += on_device.warnings() if on_device else []
         out += [f"{sp.stage.label}: {w}" for w in found]
     return out
