@@ -8,12 +8,18 @@ Jobs merged with ``trim: global`` (TIES over the whole model) first go through t
 passes (``merge.globaltrim``) that find each model's exact magnitude threshold; each job's
 parameters then carry the thresholds.
 
-Most jobs are streamed (``merge.memory.streamed``): copies and methods with a chunked form
-(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
+Jobs are streamed (``merge.memory.streamed``): copies and methods (each has a chunked form,
+``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
 cast output chunk straight to its place in the shard, so a job holds a few chunk-sized buffers
 whatever the tensor's size. Chunks are read with ``preadv`` (``Checkpoint.read_range``), not
-from memory maps: see ``merge.inputstate``. Other jobs (vocabulary alignment, LoRA-updated
-inputs, methods without a chunked form, MoE noise) read whole tensors and call ``Method.fn``.
+from memory maps: see ``merge.inputstate``. Three kinds of input are made per chunk, with the
+whole-tensor path's bits: a vocabulary tensor's chunk from the output rows it covers
+(``merge.vocab.align_rows``: each model's source rows, read a run of consecutive rows at a
+time, and the default rows, which are sums of given rows: no statistics pass); a LoRA-updated
+tensor's from its rows (``LoraCheckpoint.read_range``: the delta in fixed row blocks); an MoE
+expert's noise from fixed blocks with a generator each (``merge.noise``). Only ``--device
+cuda`` and a source that cannot read ranges (a planned stage) read whole tensors and call
+``Method.fn``.
 
 Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
 within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
@@ -24,15 +30,16 @@ the thread count or budget. Global trim's tie quota is handed out per job before
 method runs there in float32 on whole tensors and the cast result comes back for writing.
 
 MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (seeded by the
-output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
-ready-made in ``computed`` (name -> float32 tensor) and only casts.
+output tensor's name and the noise block, ``merge.noise``) and ``computed`` tensors (the
+router's gates, small), which ``execute`` takes ready-made in ``computed`` (name -> float32
+tensor) and only casts.
 
 ``execute`` writes the outputs as shards (``merge.writer.ShardWriter``); ``execute_into``
 hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
 ``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
 
 What it does not do: stream on the GPU (``--device cuda`` moves whole tensors), or run copies,
-MoE noise and the global-trim statistics passes on the GPU.
+MoE noise, vocabulary alignment and the global-trim statistics passes on the GPU.
 """
 
 from __future__ import annotations
@@ -57,10 +64,12 @@ from merge.memory import (
     streamed,
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
+from merge.noise import noise_range
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
 from merge.resources import Resources
 from merge.sink import TensorSink
 from merge.vocab import align
+from merge.vocab.stream import AlignedChunks
 from merge.writer import ShardWriter
 
 if TYPE_CHECKING:
@@ -162,11 +171,39 @@ def _chunk_reader(
     return read
 
 
+def _vocab_reader(
+    plan: Plan, job: TensorJob, tally: InputTally | None = None
+) -> Callable[[int, int], Any]:
+    """``read(start, stop)``: flat chunks of a vocabulary tensor's aligned inputs and base
+    (float32; ``merge.vocab.stream``); a ``tally`` sees each chunk (aligned)."""
+    assert job.vocab is not None
+    names = {r.model: r.name for r in [*job.inputs, *([job.base] if job.base else [])]}
+    names.update({e.model: e.name for e in job.vocab.extra})
+    models = [i.model for i in job.inputs]
+    chunks = AlignedChunks(
+        job.vocab.alignment, {m: _view(plan, m, n) for m, n in names.items()}, job.shape
+    )
+
+    def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        block = chunks.read(start, stop)
+        xs = [block[m] for m in models]
+        base = None if job.base is None else block[job.base.model]
+        if tally is not None:
+            held = [*xs, *([base] if base is not None else [])]
+            tally(start, list(zip(_models(job), held, strict=True)))
+        return xs, base
+
+    return read
+
+
 def job_chunks(plan: Plan, job: TensorJob) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
     """A job's inputs and base in chunks (whole tensors where it cannot stream) for the global
     trim, which only uses ``x - base``: the base in float32, streamed inputs as stored."""
     if streamed(job, plan.models, plan.method):
-        read = _chunk_reader(plan, job, stored=True)
+        if job.vocab is not None:
+            read = _vocab_reader(plan, job)
+        else:
+            read = _chunk_reader(plan, job, stored=True)
         for start, stop in chunk_bounds(job.numel):
             xs, base = read(start, stop)
             assert base is not None  # the planner gives every trim job a base
@@ -188,7 +225,7 @@ def _input_chunks(plan: Plan, job: TensorJob) -> InputChunks:
     reads = [*job.inputs, *([job.base] if job.base else [])]
 
     def chunks() -> Iterator[list[tuple[str, torch.Tensor]]]:
-        views = all(plan.models[r.model].checkpoint.can_view(r.name) for r in reads)
+        views = all(plan.models[r.model].checkpoint.can_range(r.name) for r in reads)
         if views and job.vocab is None:  # a vocabulary tensor's inputs have their own rows
             xs, base = _views(plan, job)
             pairs = list(
@@ -223,9 +260,11 @@ def _stream_job(
     if job.copy:
         (view,), _ = _views(plan, job)
         others = [_view(plan, a.model, a.name) for a in job.agree]
+        seed = tensor_seed(plan.seed, job.name)
         for start, stop in chunk_bounds(job.numel):
             part = view[start:stop]
             _agree(job, part, [o[start:stop] for o in others])
+            part = _edit(job, seed, start, part)
             cast = part.to(job.dtype)
             finite.chunk(job.name, part, cast, models, inputs)
             writer.write_part(job.name, start, cast)
@@ -240,22 +279,34 @@ def _stream_job(
         finite.chunk(job.name, chunk, cast, models, inputs)
         writer.write_part(job.name, start, cast)
 
-    merge_chunks(state, job.numel, _chunk_reader(plan, job, state.stored_inputs, tally), emit)
+    if job.vocab is not None:
+        read = _vocab_reader(plan, job, tally)
+    else:
+        read = _chunk_reader(plan, job, state.stored_inputs, tally)
+    merge_chunks(state, job.numel, read, emit)
     if tally is not None:
         tally.done()
+
+
+def _edit(job: TensorJob, seed: int, start: int, values: torch.Tensor) -> torch.Tensor:
+    """An MoE expert's noise and scale on the flat elements from ``start`` of a copied
+    tensor, in float32 (``merge.noise``: the same numbers whatever the chunks); ``values``
+    unchanged without them."""
+    if job.noise == 0.0 and job.scale == 1.0:
+        return values
+    out = values.to(torch.float32)
+    if job.noise:
+        flat = out.reshape(-1)
+        noise = noise_range(seed, job.numel, start, start + flat.numel())
+        out = (flat + noise * job.noise).view(out.shape)
+    return out * job.scale
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
     """A copied tensor, with an MoE expert's noise and scale applied in float32."""
     tensor = _read(plan, job.inputs[0].model, job.inputs[0].name)
     _agree(job, tensor, [_read(plan, a.model, a.name) for a in job.agree])
-    if job.noise == 0.0 and job.scale == 1.0:
-        return tensor
-    out = tensor.to(torch.float32)
-    if job.noise:
-        gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
-        out = out + torch.randn(out.shape, generator=gen) * job.noise
-    return out * job.scale
+    return _edit(job, tensor_seed(plan.seed, job.name), 0, tensor)
 
 
 def _device_inputs(
