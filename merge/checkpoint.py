@@ -348,9 +348,19 @@ class TensorSource:
         """Whether ``view(name)`` and ``read_range(name, ...)`` work (known from headers)."""
         return False
 
+    def can_range(self, name: str) -> bool:
+        """Whether ``read_range(name, ...)`` works (known from headers): where ``can_view``
+        unless a source computes ranges of its own (``merge.lora.LoraCheckpoint``)."""
+        return self.can_view(name)
+
+    def range_bytes(self, name: str, size: int) -> int:
+        """Bytes a ``read_range`` of ``size`` elements holds besides its result (0: it reads
+        into the result)."""
+        return 0
+
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened stored tensor (stored dtype); where
-        ``can_view(name)``. By default a slice of ``view``."""
+        ``can_range(name)``. By default a slice of ``view``."""
         whole = self.view(name)
         if whole is None:  # pragma: no cover - callers check can_view
             raise RuntimeError(f"tensor '{name}' cannot be read by ranges")

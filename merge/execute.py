@@ -8,13 +8,18 @@ Jobs merged with ``trim: global`` (TIES over the whole model) first go through t
 passes (``merge.globaltrim``) that find each model's exact magnitude threshold; each job's
 parameters then carry the thresholds.
 
-Most jobs are streamed (``merge.memory.streamed``): copies and methods with a chunked form
-(``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
+Jobs are streamed (``merge.memory.streamed``): copies and methods (each has a chunked form,
+``Method.stream``, ``merge.methods.stream``) read their inputs chunk by chunk and write each
 cast output chunk straight to its place in the shard, so a job holds a few chunk-sized buffers
 whatever the tensor's size. Chunks are read with ``preadv`` (``Checkpoint.read_range``), not
-from memory maps: see ``merge.inputstate`` (the reads are ``merge.reads``). Other jobs
-(vocabulary alignment, LoRA-updated inputs, methods without a chunked form, MoE noise) read
-whole tensors and call ``Method.fn``.
+from memory maps: see ``merge.inputstate`` (the reads are ``merge.reads``). Three kinds of
+input are made per chunk, with the whole-tensor path's bits: a vocabulary tensor's chunk from
+the output rows it covers (``merge.vocab.align_rows``: each model's source rows, read a run of
+consecutive rows at a time, and the default rows, which are sums of given rows: no statistics
+pass); a LoRA-updated tensor's from its rows (``LoraCheckpoint.read_range``: the delta in fixed
+row blocks); an MoE expert's noise from fixed blocks with a generator each (``merge.noise``).
+Only jobs on the GPU that cannot stream there and a source that cannot read ranges (a planned
+stage) read whole tensors and call ``Method.fn``.
 
 Jobs run in parallel (``merge.pipeline``): a pool of ``--threads`` workers, largest jobs first,
 within the ``--max-memory`` budget of estimated bytes (``merge.memory``). Torch runs one
@@ -28,14 +33,16 @@ whole inputs there when they fit ``--max-vram`` (else they run on the CPU); copi
 the CPU. Device jobs are admitted within ``--max-vram`` as well as ``--max-memory``.
 
 MoE plans have two more kinds of job: expert copies with ``noise``/``scale`` (seeded by the
-output tensor's name) and ``computed`` tensors (the router's gates), which ``execute`` takes
-ready-made in ``computed`` (name -> float32 tensor) and only casts.
+output tensor's name and the noise block, ``merge.noise``) and ``computed`` tensors (the
+router's gates, small), which ``execute`` takes ready-made in ``computed`` (name -> float32
+tensor) and only casts.
 
 ``execute`` writes the outputs as shards (``merge.writer.ShardWriter``); ``execute_into``
 hands the same cast tensors to any ``merge.sink.TensorSink`` (an in-memory merge's model,
 ``merge.evolve``). The run's ``Resources`` (threads, budget, device) are ``merge.resources``.
 
-What it does not do: run copies, MoE noise and the global-trim statistics passes on the GPU.
+What it does not do: run copies, MoE noise, vocabulary alignment and the global-trim
+statistics passes on the GPU.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from merge.memory import (
     streamed,
 )
 from merge.methods.stream import chunk_bounds, merge_chunks
+from merge.noise import noise_range
 from merge.pipeline import Mover, keep_freed_memory, run_jobs, single_intra_op
 from merge.reads import (
     chunk_reader,
@@ -72,6 +80,7 @@ from merge.reads import (
     job_models,
     read_inputs,
     read_tensor,
+    vocab_reader,
 )
 from merge.resources import Resources
 from merge.sink import TensorSink
@@ -102,9 +111,11 @@ def _stream_job(
     if job.copy:
         (view,), _ = flat_views(plan, job)
         others = [flat_view(plan, a.model, a.name) for a in job.agree]
+        seed = tensor_seed(plan.seed, job.name)
         for start, stop in chunk_bounds(job.numel):
             part = view[start:stop]
             _agree(job, part, [o[start:stop] for o in others])
+            part = _edit(job, seed, start, part)
             cast = part.to(job.dtype)
             finite.chunk(job.name, part, cast, models, inputs)
             writer.write_part(job.name, start, cast)
@@ -119,22 +130,34 @@ def _stream_job(
         finite.chunk(job.name, chunk, cast, models, inputs)
         writer.write_part(job.name, start, cast)
 
-    merge_chunks(state, job.numel, chunk_reader(plan, job, state.stored_inputs, tally), emit)
+    if job.vocab is not None:
+        read = vocab_reader(plan, job, tally)
+    else:
+        read = chunk_reader(plan, job, state.stored_inputs, tally)
+    merge_chunks(state, job.numel, read, emit)
     if tally is not None:
         tally.done()
+
+
+def _edit(job: TensorJob, seed: int, start: int, values: torch.Tensor) -> torch.Tensor:
+    """An MoE expert's noise and scale on the flat elements from ``start`` of a copied
+    tensor, in float32 (``merge.noise``: the same numbers whatever the chunks); ``values``
+    unchanged without them."""
+    if job.noise == 0.0 and job.scale == 1.0:
+        return values
+    out = values.to(torch.float32)
+    if job.noise:
+        flat = out.reshape(-1)
+        noise = noise_range(seed, job.numel, start, start + flat.numel())
+        out = (flat + noise * job.noise).view(out.shape)
+    return out * job.scale
 
 
 def _copy(plan: Plan, job: TensorJob) -> torch.Tensor:
     """A copied tensor, with an MoE expert's noise and scale applied in float32."""
     tensor = read_tensor(plan, job.inputs[0].model, job.inputs[0].name)
     _agree(job, tensor, [read_tensor(plan, a.model, a.name) for a in job.agree])
-    if job.noise == 0.0 and job.scale == 1.0:
-        return tensor
-    out = tensor.to(torch.float32)
-    if job.noise:
-        gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
-        out = out + torch.randn(out.shape, generator=gen) * job.noise
-    return out * job.scale
+    return _edit(job, tensor_seed(plan.seed, job.name), 0, tensor)
 
 
 def _device_inputs(

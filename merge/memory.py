@@ -1,12 +1,15 @@
 """Memory estimates of a plan, from headers only, and the budget a run keeps to.
 
 ``job_peak_bytes`` is the expected peak of tensor data while one job runs. A streamed job
-(``streamed``: the method has a chunked form and every input can be memory-mapped) holds a few
+(``streamed``: the method has a chunked form and every input can be read by ranges) holds a few
 chunk-sized float32 buffers whatever the tensor's size (plus ``Method.kept_bits`` an entry and
-model: the task family's packed keep masks); the inputs stay in the page cache and the output
-goes to its shard chunk by chunk. Any other job holds its inputs as stored and as
-float32, the method's measured working space (``Method.workspace``) and the output.
-``peak_memory`` is the largest of these (``Plan.peak_bytes``: what one job alone needs).
+model: the task family's packed keep masks; plus what a source computes per range,
+``TensorSource.range_bytes``: a LoRA update's rows; an MoE expert's noise block; a
+vocabulary tensor's row blocks); the inputs stay in the page cache and the output goes to its
+shard chunk by chunk. Any other job (a method without a chunked form, ``--device cuda``, an
+input that cannot be read by ranges) holds its inputs as stored and as float32, the method's
+measured working space (``Method.workspace``) and the output. ``peak_memory`` is the largest
+of these (``Plan.peak_bytes``: what one job alone needs).
 
 The executor runs up to ``threads`` jobs at once, the most work first (``job_order``),
 admitting a job only while the estimates of the jobs running fit in the budget
@@ -25,6 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from merge import noise
 from merge.jobs import TensorJob
 from merge.methods import Method
 from merge.methods.stream import CHUNK_ELEMENTS
@@ -37,14 +41,12 @@ FALLBACK_AVAILABLE = 8 * 2**30  # where the available memory cannot be read
 
 def streamed(job: TensorJob, models: dict[str, Model], method: Method) -> bool:
     """Whether ``job`` runs chunk by chunk from memory-mapped inputs (``merge.execute``)."""
-    if job.vocab is not None or job.computed is not None:
+    if job.computed is not None:
         return False
-    if job.copy:
-        chunked = job.noise == 0.0 and job.scale == 1.0
-    else:
-        chunked = method.stream is not None
+    chunked = job.copy or method.stream is not None
     reads = [*job.inputs, *([job.base] if job.base else []), *job.agree]
-    return chunked and all(models[r.model].checkpoint.can_view(r.name) for r in reads)
+    reads += job.vocab.extra if job.vocab else ()
+    return chunked and all(models[r.model].checkpoint.can_range(r.name) for r in reads)
 
 
 def job_peak_bytes(job: TensorJob, models: dict[str, Model], method: Method) -> int:
@@ -53,11 +55,21 @@ def job_peak_bytes(job: TensorJob, models: dict[str, Model], method: Method) -> 
     reads = [*job.inputs, *([job.base] if job.base else [])]
     reads += job.vocab.extra if job.vocab else ()
     buffers = 0.0 if job.copy else len(reads) + per_model * len(job.inputs) + fixed
+    if job.copy and (job.noise or job.scale != 1.0):
+        buffers = 3.0  # the float32 values, the noise and the sum (and one noise block)
     if streamed(job, models, method):
         chunk = min(job.numel, CHUNK_ELEMENTS)
         bits = method.kept_bits(job.params) if method.kept_bits else 0
         kept = -(-job.numel * bits // 8) * len(job.inputs)
-        return int(4 * chunk * (buffers + 1)) + chunk * job.dtype.itemsize + kept
+        extra = sum(models[r.model].checkpoint.range_bytes(r.name, chunk) for r in reads)
+        if job.copy and job.noise:
+            extra += 4 * min(job.numel, noise.NOISE_BLOCK)
+        if job.vocab is not None:  # each model's rows, the default rows, each aligned block
+            width = job.numel // max(job.shape[0], 1)
+            rows = min(job.numel, chunk + 2 * width)
+            extra += 4 * rows * (2 * len(reads) + 1)
+        tensors = int(4 * chunk * (buffers + 1)) + chunk * job.dtype.itemsize
+        return tensors + kept + extra
     stored = sum(models[r.model].checkpoint.tensors[r.name].nbytes for r in reads)
     buffers += len(reads) + 1 if job.vocab else 0  # aligned copies and the default rows
     return stored + int(4 * job.numel * buffers) + job.numel * job.dtype.itemsize

@@ -5,9 +5,10 @@ the output vocabulary's rows first, ``merge.vocab.align``). ``Flat`` reads one t
 slices of its flattened elements (``preadv`` through ``TensorSource.read_range``, stored
 dtype); ``chunk_reader`` gives a streamed job's chunks as float32 (or as stored, for streams
 that only subtract the float32 base) and feeds the input check (``merge.finite``);
-``job_chunks`` serves the global-trim statistics passes; ``input_chunks`` re-reads inputs for
-a failed output check. Any error reading a tensor that passed the header checks is a
-``CheckpointError`` naming the model and the tensor.
+``vocab_reader`` gives a vocabulary tensor's chunks in the output's rows
+(``merge.vocab.stream``); ``job_chunks`` serves the global-trim statistics passes;
+``input_chunks`` re-reads inputs for a failed output check. Any error reading a tensor that
+passed the header checks is a ``CheckpointError`` naming the model and the tensor.
 
 What it does not do: run methods or write outputs (``merge.execute``, ``merge.device``).
 """
@@ -25,6 +26,7 @@ from merge.jobs import Plan, TensorJob
 from merge.memory import streamed
 from merge.methods.stream import chunk_bounds
 from merge.vocab import align
+from merge.vocab.stream import AlignedChunks
 
 
 def read_tensor(plan: Plan, model: str, name: str) -> torch.Tensor:
@@ -122,11 +124,39 @@ def chunk_reader(
     return read
 
 
+def vocab_reader(
+    plan: Plan, job: TensorJob, tally: InputTally | None = None
+) -> Callable[[int, int], Any]:
+    """``read(start, stop)``: flat chunks of a vocabulary tensor's aligned inputs and base
+    (float32; ``merge.vocab.stream``); a ``tally`` sees each chunk (aligned)."""
+    assert job.vocab is not None
+    names = {r.model: r.name for r in [*job.inputs, *([job.base] if job.base else [])]}
+    names.update({e.model: e.name for e in job.vocab.extra})
+    models = [i.model for i in job.inputs]
+    chunks = AlignedChunks(
+        job.vocab.alignment, {m: flat_view(plan, m, n) for m, n in names.items()}, job.shape
+    )
+
+    def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        block = chunks.read(start, stop)
+        xs = [block[m] for m in models]
+        base = None if job.base is None else block[job.base.model]
+        if tally is not None:
+            held = [*xs, *([base] if base is not None else [])]
+            tally(start, list(zip(job_models(job), held, strict=True)))
+        return xs, base
+
+    return read
+
+
 def job_chunks(plan: Plan, job: TensorJob) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
     """A job's inputs and base in chunks (whole tensors where it cannot stream) for the global
     trim, which only uses ``x - base``: the base in float32, streamed inputs as stored."""
     if streamed(job, plan.models, plan.method):
-        read = chunk_reader(plan, job, stored=True)
+        if job.vocab is not None:
+            read = vocab_reader(plan, job)
+        else:
+            read = chunk_reader(plan, job, stored=True)
         for start, stop in chunk_bounds(job.numel):
             xs, base = read(start, stop)
             assert base is not None  # the planner gives every trim job a base
@@ -148,7 +178,7 @@ def input_chunks(plan: Plan, job: TensorJob) -> InputChunks:
     reads = [*job.inputs, *([job.base] if job.base else [])]
 
     def chunks() -> Iterator[list[tuple[str, torch.Tensor]]]:
-        views = all(plan.models[r.model].checkpoint.can_view(r.name) for r in reads)
+        views = all(plan.models[r.model].checkpoint.can_range(r.name) for r in reads)
         if views and job.vocab is None:  # a vocabulary tensor's inputs have their own rows
             xs, base = flat_views(plan, job)
             pairs = list(

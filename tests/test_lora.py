@@ -28,6 +28,8 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
+import merge.memory as memory
+import merge.methods.stream as stream
 from hubserver import HubServer
 from merge import api, hub, lora
 from merge.checkpoint import Checkpoint
@@ -252,24 +254,32 @@ def test_two_adapters_on_one_base_stream(
     ad2 = make_adapter(tmp_path / "ad2", llama_base, seed=2, target_modules=["o_proj", "q_proj"])
     inputs = {d: digest(d) for d in (llama_base, ad1, ad2)}
     cache = digest(hf_offline)
-    by_thread: dict[int, list[tuple[str, str]]] = {}  # jobs run in parallel worker threads
-    base_read, lora_read = Checkpoint.read, LoraCheckpoint.read
+    by_thread: dict[int, list[tuple[str, str, int, int]]] = {}  # jobs run in worker threads
+    base_read, base_range = Checkpoint.read, Checkpoint.read_range
+    lora_range = LoraCheckpoint.read_range
 
-    def event(kind: str, name: str) -> None:
-        by_thread.setdefault(threading.get_ident(), []).append((kind, name))
+    def event(kind: str, name: str, start: int = 0, stop: int = 0) -> None:
+        by_thread.setdefault(threading.get_ident(), []).append((kind, name, start, stop))
 
     def spy_base(self: Checkpoint, name: str) -> torch.Tensor:
-        event("base", name)
+        event("whole", name)
         return base_read(self, name)
 
-    def spy_lora(self: LoraCheckpoint, name: str) -> torch.Tensor:
-        event("lora", name)
-        tensor = lora_read(self, name)
+    def spy_range(self: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        event("base", name, start, stop)
+        return base_range(self, name, start, stop)
+
+    def spy_lora(self: LoraCheckpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        event("lora" if name in self.adapter.pairs else "plain", name, start, stop)
+        tensor = lora_range(self, name, start, stop)
         event("end", name)
         return tensor
 
     monkeypatch.setattr(Checkpoint, "read", spy_base)
-    monkeypatch.setattr(LoraCheckpoint, "read", spy_lora)
+    monkeypatch.setattr(Checkpoint, "read_range", spy_range)
+    monkeypatch.setattr(LoraCheckpoint, "read_range", spy_lora)
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 100)  # several chunks per tensor
+    monkeypatch.setattr(memory, "CHUNK_ELEMENTS", 100)
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(llama_base),
@@ -279,16 +289,25 @@ def test_two_adapters_on_one_base_stream(
         ],
         "dtype": "float32",
     }
-    out = run(tmp_path, recipe)
+    out = tmp_path / "out"
+    (tmp_path / "out.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    api.run(tmp_path / "out.yaml", out, progress=False, max_memory=64 * 1024)
     monkeypatch.undo()
-    # Every LoRA read is exactly one read of that same base tensor (in its thread); tensors
-    # that no adapter touches are streamed from the base's memory map, with no read at all.
+    # Nothing is read whole: LoRA-updated tensors stream too. Each LoRA range is one read of
+    # the base's rows that the range covers (in its thread), never more.
     events = [e for thread in by_thread.values() for e in thread]
-    starts = [i for i, e in enumerate(events) if e[0] == "lora"]
+    assert not [e for e in events if e[0] == "whole"]
     touched = {n for n in load_state(llama_base) if any(f".{m}." in n for m in (*QV, "o_proj"))}
-    assert touched and sorted(events[i][1] for i in starts) == sorted([*touched, *touched])
+    starts = [i for i, e in enumerate(events) if e[0] == "lora" and e[1] in touched]
+    assert touched and {events[i][1] for i in starts} == touched
+    shapes = {n: t.shape for n, t in load_state(llama_base).items()}
     for i in starts:
-        assert events[i + 1] == ("base", events[i][1]) and events[i + 2] == ("end", events[i][1])
+        _, name, start, stop = events[i]
+        kind, got, lo, hi = events[i + 1]
+        cols = shapes[name][-1]
+        assert (kind, got) == ("base", name) and events[i + 2][:2] == ("end", name)
+        assert lo == start // cols * cols and hi == -(-stop // cols) * cols
+        assert hi - lo <= 100 + 2 * cols
     assert {d: digest(d) for d in inputs} == inputs
     assert digest(hf_offline) == cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad1", "ad2", "out", "out.yaml"]

@@ -5,8 +5,9 @@ one chunk, and what the method keeps between passes (the task family's keep mask
 bits on the CPU, one bool a mask entry on a device).
 
 ``placement`` says where a job runs with ``--device cuda``: ``"stream"`` (a streamed method
-job: chunk by chunk through ``merge.device.chunks``), ``"whole"`` (a job that cannot stream,
-e.g. a vocabulary tensor, whose whole inputs fit the budget), or ``"cpu"`` (copies, computed
+job: chunk by chunk through ``merge.device.chunks``), ``"whole"`` (a job that cannot stream on
+the device, e.g. a vocabulary tensor, aligned on the host first, whose whole inputs fit the
+budget), or ``"cpu"`` (copies, computed
 MoE gates, and whole jobs larger than the budget: they run on the CPU, with a warning from
 ``VramPlan``). ``vram_bytes`` is a job's device estimate there (0 on the CPU); the executor
 admits jobs only while the running ones' estimates fit the budget (``merge.pipeline``), and
@@ -80,7 +81,7 @@ def placement(job: TensorJob, models: dict[str, Model], method: Method, budget: 
     """``"stream"``, ``"whole"`` or ``"cpu"``: where ``job`` runs (module notes)."""
     if job.copy or job.computed is not None:
         return "cpu"
-    if streamed(job, models, method):
+    if streamed(job, models, method) and job.vocab is None:  # aligned rows: on the CPU
         return "stream"
     return "whole" if whole_vram_bytes(job, models, method) <= budget else "cpu"
 

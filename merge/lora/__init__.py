@@ -10,7 +10,11 @@ base tensor data is read: every target module exists, every shape fits, every op
 apply exactly as peft's ``merge_and_unload`` does. The ``LoraCheckpoint`` then shows the
 planner the base's names, shapes, dtypes and config unchanged; ``read(name)`` reads that one
 base tensor and, when the adapter touches it, returns the sum computed in float32 (no second
-rounding here: the executor casts once, to the output dtype).
+rounding here: the executor casts once, to the output dtype). ``read_range`` computes the same
+sum on the rows a range covers only, so updated tensors stream: the delta is made in fixed
+blocks of rows (``LORA_BLOCK`` entries, bounds from the shape only) by both, so a range holds
+the bits of the whole tensor's (one matmul per block; BLAS need not give a row the same bits
+in matmuls of different heights, though it did in every case measured here).
 
 What the adapter may hold, and how it is applied (as peft does):
 

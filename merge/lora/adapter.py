@@ -98,6 +98,9 @@ def parse_key(key: str) -> tuple[str, str, bool]:
     return "replace", name, False
 
 
+LORA_BLOCK = 1 << 16  # elements of the delta per matmul (see ``LoraPair.block``)
+
+
 def lora_delta(
     a: torch.Tensor, b: torch.Tensor, scaling: float, *, transpose: bool = False
 ) -> torch.Tensor:
@@ -124,8 +127,32 @@ class LoraPair:
         out, inp = self.b.shape[0], self.a.shape[1]
         return (inp, out) if self.transpose else (out, inp)
 
+    @property
+    def block(self) -> int:
+        """Rows of the delta computed by one matmul: fixed by the shape (``LORA_BLOCK``
+        elements), so a range of rows and the whole delta run the same matmuls."""
+        return max(1, LORA_BLOCK // max(self.shape[1], 1))
+
     def delta(self) -> torch.Tensor:
-        return lora_delta(self.a, self.b, self.scaling, transpose=self.transpose)
+        """The whole delta ``[out, in]`` (``[in, out]`` transposed), block after block."""
+        return self.rows(0, self.shape[0])
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the delta (float32): the fixed blocks they overlap, each one
+        matmul of the factors' rows (columns of ``A`` when transposed), then sliced; the same
+        bits as those rows of ``delta()``."""
+        step, n = self.block, self.shape[0]
+        first, end = (r0 // step) * step, min(n, -(-r1 // step) * step)
+        parts = []
+        for lo in range(first, end, step):
+            hi = min(lo + step, n)
+            if self.transpose:
+                part = lora_delta(self.a[:, lo:hi], self.b, self.scaling, transpose=True)
+            else:
+                part = lora_delta(self.a, self.b[lo:hi], self.scaling)
+            parts.append(part)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out[r0 - first : r1 - first]
 
 
 @dataclass

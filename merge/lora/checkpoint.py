@@ -2,11 +2,14 @@
 
 Same interface as ``merge.checkpoint.Checkpoint`` (``tensors``, ``config``, ``read``,
 ``layer_count``, ``close``); the planner sees the base's names, shapes and dtypes unchanged.
-It holds the adapter's small tensors and reads at most one base tensor per ``read``.
+It holds the adapter's small tensors and reads at most one base tensor per ``read``;
+``read_range`` computes a LoRA-updated tensor on the rows a range covers, so such tensors
+stream like any other (``merge.execute``), with the bits of the whole ``read``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -70,11 +73,41 @@ class LoraCheckpoint(TensorSource):
         touched = name in self.adapter.replacements or name in self.adapter.pairs
         return not touched and self.base.can_view(name)
 
+    def can_range(self, name: str) -> bool:
+        """Every tensor reads by ranges where the base's does (or the adapter replaces it)."""
+        return name in self.adapter.replacements or self.base.can_view(name)
+
+    def range_bytes(self, name: str, size: int) -> int:
+        """A LoRA-updated range: the rows' weights in float32, the delta's blocks and their
+        sum, each at most the range plus two rows or blocks."""
+        if name not in self.adapter.pairs and name not in self.adapter.replacements:
+            return 0
+        shape = self.tensors[name].shape
+        cols = int(shape[-1]) if len(shape) > 1 else 1
+        pair = self.adapter.pairs.get(name)
+        block = pair.block * cols if pair is not None else cols
+        return 4 * 3 * min(math.prod(shape), size + 2 * max(block, cols))
+
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements of the base's tensor, where the adapter leaves it alone."""
-        if not self.can_view(name):  # pragma: no cover - callers check can_view
-            raise RuntimeError(f"tensor '{name}' is changed by the adapter: read it whole")
-        return self.base.read_range(name, start, stop)
+        """Elements ``[start, stop)`` of the flattened tensor: the base's (stored dtype) where
+        the adapter leaves it alone, else float32 computed on the rows they cover only, with
+        the same float operations per element as ``read`` (``LoraPair.rows``)."""
+        replacement = self.adapter.replacements.get(name)
+        pair = self.adapter.pairs.get(name)
+        if replacement is None and pair is None:
+            return self.base.read_range(name, start, stop)
+        shape = self.tensors[name].shape
+        cols = int(shape[-1]) if len(shape) > 1 else 1
+        stop = max(start, min(stop, math.prod(shape)))
+        r0, r1 = start // cols, -(-stop // cols)
+        lo, hi = r0 * cols, r1 * cols
+        if replacement is None:
+            weight = self.base.read_range(name, lo, hi).to(torch.float32)
+        else:
+            weight = replacement.reshape(-1)[lo:hi].to(torch.float32, copy=True)
+        if pair is not None:
+            weight = weight + pair.rows(r0, r1).reshape(-1)
+        return weight[start - lo : stop - lo]
 
     def stamps(self) -> dict[Path, Stamp]:
         return self.base.stamps()

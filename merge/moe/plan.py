@@ -10,8 +10,9 @@ returns an ordinary ``merge.jobs.Plan`` whose jobs are:
   its dense MLP;
 - per layer and expert, the expert model's dense ``mlp.{gate,up,down}_proj`` copied under the
   family's expert name, with mergekit-moe's ``noise_scale`` (seeded Gaussian noise added to
-  every MLP tensor of that expert) and ``residual_scale`` (a factor on ``down_proj``, the
-  tensor that writes into the residual stream); the same for the shared expert;
+  every MLP tensor of that expert, drawn in fixed blocks so the copy streams: ``merge.noise``)
+  and ``residual_scale`` (a factor on ``down_proj``, the tensor that writes into the residual
+  stream); the same for the shared expert;
 - ``computed`` jobs for the router rows (``[experts, hidden]`` per layer), the shared expert's
   gate (``[1, hidden]``) and DeepSeek-V3's zero score-correction bias. Their data comes from
   ``merge.moe.gates`` in ``merge run`` only, so ``merge validate`` and ``merge plan`` read no

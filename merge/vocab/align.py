@@ -9,14 +9,16 @@ When every model already has the output's vocabulary and nothing is overridden t
 is ``None`` and the job stays plain, so such recipes give the same bits as before.
 
 ``align`` is the executor's step: a pure function from each model's float32 tensor to its
-aligned copy (no I/O, inputs never modified).
+aligned copy (no I/O, inputs never modified). ``align_rows`` makes a block of output rows
+from the source rows it needs (a streamed vocabulary tensor, read by ranges): no statistics
+pass is needed, since every default row is a sum of given rows times a scale.
 
 What it does not do: read tokenizers or the recipe (``merge.vocab.build``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,5 +184,37 @@ def align(al: Alignment, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         t = default.clone()
         have = rows >= 0
         t[have] = tensors[m].index_select(0, rows[have]).float()
+        aligned[m] = t
+    return aligned
+
+
+RowReader = Callable[[str, Tensor], Tensor]
+"""``read(model, rows)``: those rows (int64 indices) of the model's tensor, as float32."""
+
+
+def align_rows(al: Alignment, read: RowReader, r0: int, r1: int) -> dict[str, Tensor]:
+    """Output rows ``[r0, r1)`` of ``align``'s result, reading only the source rows they take
+    (``read``): per row the same copies, sums (in the same order) and scale, so the same bits
+    as those rows of ``align``."""
+    default: Tensor | None = None
+    for m, (out_rows, src_rows) in al.fill.items():
+        pick = (out_rows >= r0) & (out_rows < r1)
+        if not bool(pick.any()):
+            continue
+        rows = read(m, src_rows[pick])
+        if default is None:
+            default = torch.zeros((r1 - r0, *rows.shape[1:]), dtype=torch.float32)
+        default.index_add_(0, out_rows[pick] - r0, rows)
+    aligned: dict[str, Tensor] = {}
+    for m, own in al.own.items():
+        block = own[r0:r1]
+        have = block >= 0
+        rows = read(m, block[have])
+        if default is None:
+            default = torch.zeros((r1 - r0, *rows.shape[1:]), dtype=torch.float32)
+        if not aligned:
+            default.mul_(al.scale[r0:r1].view(-1, *([1] * (default.dim() - 1))))
+        t = default.clone()
+        t[have] = rows
         aligned[m] = t
     return aligned
