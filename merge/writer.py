@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from merge.sink import check_part, check_whole
+
 if TYPE_CHECKING:
     from merge.resume import Journal
 
@@ -355,26 +357,16 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one whole tensor to its place in its shard."""
-        spec = self._spec(name)
-        if tuple(tensor.shape) != spec.shape:
-            raise ValueError(
-                f"tensor '{name}' has shape {tuple(tensor.shape)}, planned {spec.shape}"
-            )
+        check_whole(name, self._spec(name).shape, tensor)
         self.write_part(name, 0, tensor)
 
     def write_part(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Write ``tensor``'s elements as elements ``start..`` of the flattened tensor
         ``name`` (a chunk of rows)."""
         spec = self._spec(name)
-        if tensor.dtype != spec.dtype:
-            raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, planned {spec.dtype}")
         size = spec.dtype.itemsize
+        check_part(name, spec.dtype, spec.nbytes // size, start, tensor)
         begin, nbytes = start * size, tensor.numel() * size
-        if start < 0 or begin + nbytes > spec.nbytes:
-            raise ValueError(
-                f"tensor '{name}': elements {start}..{start + tensor.numel()} are outside its "
-                f"{spec.nbytes // size} elements"
-            )
         fd, offset, _ = self._where[name]
         data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
         if self.journal is not None:

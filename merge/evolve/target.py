@@ -23,6 +23,7 @@ import torch
 from merge.errors import PlanError
 from merge.jobs import DTYPES, Plan
 from merge.settings import remote_code
+from merge.sink import check_part, check_whole
 from merge.writer import TensorSpec
 
 MAX_LISTED = 10
@@ -102,23 +103,13 @@ class ParamSink:
         self.written_bytes = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self._spec(name)
-        if tuple(tensor.shape) != spec.shape:
-            raise ValueError(
-                f"tensor '{name}' has shape {tuple(tensor.shape)}, planned {spec.shape}"
-            )
+        check_whole(name, self._spec(name).shape, tensor)
         self.write_part(name, 0, tensor)
 
     def write_part(self, name: str, start: int, tensor: torch.Tensor) -> None:
         spec = self._spec(name)
-        if tensor.dtype != spec.dtype:
-            raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, planned {spec.dtype}")
         flat, n = self._flat[name], tensor.numel()
-        if start < 0 or start + n > flat.numel():
-            raise ValueError(
-                f"tensor '{name}': elements {start}..{start + n} are outside its "
-                f"{flat.numel()} elements"
-            )
+        check_part(name, spec.dtype, flat.numel(), start, tensor)
         with torch.no_grad():
             flat[start : start + n].copy_(tensor.reshape(-1))
         with self._lock:
