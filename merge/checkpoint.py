@@ -21,6 +21,8 @@ change is a ``CheckpointError`` naming the model, the file and what changed.
 ``Checkpoint.open`` can also be given weight files that are not on disk yet and a reader of
 their headers: ``merge.hub.remote`` plans Hub models so, from headers read over the network.
 
+Safetensors headers are parsed and checked in ``merge.headers``.
+
 Every problem found while opening (missing folder, no weights, corrupt or truncated header,
 missing shard, index inconsistent with the shards, bad ``config.json``) is a ``CheckpointError``
 whose lines name the model label and the file.
@@ -35,11 +37,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 import threading
 import zipfile
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -48,193 +48,23 @@ import torch
 
 from merge import architecture as arch
 from merge.errors import CheckpointError
+from merge.headers import HeaderReader, TensorInfo, file_label, read_headers
 from merge.inputstate import Stamp, changed_error, check, stamp
 from merge.links import check_folder, inside
+
+Format = Literal["safetensors", "bin"]
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-Format = Literal["safetensors", "bin"]
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the header says about one tensor; no data."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path
-    nbytes: int
-    offset: int = 0  # where the data starts in ``file`` (safetensors)
-
-
-def _where(label: str, path: Path) -> str:
-    return f"model '{label}' ({path})"
-
-
-# --- safetensors headers ---------------------------------------------------------------------
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different: a tensor named twice in a header would
-    otherwise be the last of its entries, and the first one's bytes nobody's."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def read_safetensors_header(path: Path, label: str) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header (and nothing else) into ``TensorInfo`` entries."""
-    where = _where(label, path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{where}: truncated: the file has {size} bytes")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(
-                    f"{where}: corrupt header: declares {header_len} header bytes "
-                    f"but the file has {size}"
-                )
-            raw = f.read(header_len)
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise CheckpointError(f"{where}: corrupt header: {e.args[0]!r} is given twice") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where}: corrupt header: not valid JSON ({e})") from e
-    except RecursionError:
-        raise CheckpointError(f"{where}: corrupt header: JSON nested too deeply") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{where}: corrupt header: expected a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise CheckpointError(
-            f"{where}: corrupt header: '__metadata__' must map strings to strings"
-        )
-    data_size = size - 8 - header_len
-    infos = {
-        name: header_entry(name, entry, path, where, data_size, size)
-        for name, entry in header.items()
-    }
-    check_layout(infos, where, 8 + header_len, data_size)
-    return infos
-
-
-def check_layout(infos: dict[str, TensorInfo], where: str, data_start: int, data_size: int) -> None:
-    """As safetensors requires: the tensors' bytes do not overlap and cover the data (the
-    ``data_size`` bytes from ``data_start``, where the header ends) without a gap."""
-    spans = sorted(
-        (i.offset - data_start, i.offset - data_start + i.nbytes, n) for n, i in infos.items()
-    )
-    pos, last = 0, ""
-    for begin, end, name in spans:
-        if begin < pos:
-            raise CheckpointError(
-                f"{where}: corrupt header: tensors '{last}' and '{name}' overlap at bytes "
-                f"[{begin}, {min(end, pos)}] of the data"
-            )
-        if begin > pos:
-            raise CheckpointError(
-                f"{where}: corrupt header: data bytes [{pos}, {begin}] belong to no tensor"
-            )
-        pos, last = end, name
-    if pos < data_size:
-        raise CheckpointError(
-            f"{where}: corrupt header: data bytes [{pos}, {data_size}] belong to no tensor"
-        )
-
-
-def read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
-    """The headers of safetensors files on disk, one after the other."""
-    tensors: dict[str, TensorInfo] = {}
-    for file in files:
-        tensors.update(read_safetensors_header(file, label))
-    return tensors
-
-
-HeaderReader = Callable[[list[Path], str], dict[str, TensorInfo]]
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def header_entry(
-    name: str, entry: Any, path: Path, where: str, data_size: int, file_size: int
-) -> TensorInfo:
-    """Validate one header entry: dtype, shape, offsets inside the file, size matching shape.
-    ``data_size`` is the byte count after the header, ``file_size`` the file's."""
-    try:
-        dtype_name = entry["dtype"]
-        shape = tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: corrupt header: bad entry for tensor '{name}'") from e
-    if not all(_integer(v) for v in (*shape, begin, end)):
-        raise CheckpointError(
-            f"{where}: corrupt header: tensor '{name}' has shape {list(shape)} and offsets "
-            f"[{begin}, {end}]: they must be integers"
-        )
-    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
-        raise CheckpointError(f"{where}: tensor '{name}' has unsupported dtype {dtype_name!r}")
-    if end > data_size:
-        raise CheckpointError(
-            f"{where}: truncated: tensor '{name}' needs bytes up to {file_size - data_size + end}"
-            f" but the file has {file_size} bytes"
-        )
-    numel = 1
-    for d in shape:
-        numel *= d
-    nbytes = numel * dtype.itemsize
-    if begin < 0 or min(shape, default=0) < 0 or end - begin != nbytes:
-        raise CheckpointError(
-            f"{where}: corrupt header: tensor '{name}' has shape {list(shape)} ({nbytes} bytes)"
-            f" but offsets [{begin}, {end}]"
-        )
-    return TensorInfo(name, shape, dtype, path, nbytes, file_size - data_size + begin)
-
-
 # --- torch .bin ------------------------------------------------------------------------------
 
 
 def load_bin(path: Path, label: str) -> dict[str, torch.Tensor]:
     """``torch.load`` a .bin file memory-mapped (zip format) or plainly (legacy format)."""
-    where = _where(label, path)
+    where = file_label(label, path)
     try:
         if zipfile.is_zipfile(path):
             obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
@@ -275,14 +105,14 @@ def _find_weights(directory: Path, label: str, listed: Collection[str]) -> tuple
     if (directory / "adapter_config.json").is_file():
         hint = "; it holds a LoRA adapter: name it as 'base_model+adapter'"
     raise CheckpointError(
-        f"{_where(label, directory)}: no model weights found: expected {SAFE_SINGLE}, "
+        f"{file_label(label, directory)}: no model weights found: expected {SAFE_SINGLE}, "
         f"{SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}{hint}"
     )
 
 
 def _read_index(index: Path, label: str, listed: Collection[str]) -> dict[str, Path]:
     """Read an index json's weight_map; every listed shard must exist (or be in ``listed``)."""
-    where = _where(label, index)
+    where = file_label(label, index)
     weight_map = _read_json(index, label).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{where}: 'weight_map' is missing or not a name -> file mapping")
@@ -308,7 +138,7 @@ def _check_index(weight_map: dict[str, Path], found: dict[str, TensorInfo], wher
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:
-    where = _where(label, path)
+    where = file_label(label, path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -437,7 +267,7 @@ class Checkpoint(TensorSource):
         weight files and a reader of their headers over the network."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise CheckpointError(f"{_where(label, directory)}: directory not found")
+            raise CheckpointError(f"{file_label(label, directory)}: directory not found")
         config_path = directory / "config.json"
         config = (
             _read_json(inside(config_path, directory, label), label)
@@ -457,7 +287,7 @@ class Checkpoint(TensorSource):
             bin_tensors.update(loaded)
             tensors.update({k: _bin_info(k, t, file) for k, t in loaded.items()})
         if weight_map is not None:
-            _check_index(weight_map, tensors, _where(label, entry))
+            _check_index(weight_map, tensors, file_label(label, entry))
         ckpt = cls(directory, label, config, tensors, fmt, bin_tensors)
         ckpt._stamps = stamps
         return ckpt
@@ -514,7 +344,7 @@ class Checkpoint(TensorSource):
                     break
                 got += n
         except OSError as e:
-            raise CheckpointError(f"{_where(self.label, info.file)}: cannot read: {e}") from e
+            raise CheckpointError(f"{file_label(self.label, info.file)}: cannot read: {e}") from e
         self._check(info.file)
         if got < count:  # truncated, though the stamp did not say so (no stamp: not opened)
             raise changed_error(self.label, info.file, f"it ends {count - got} bytes early")
@@ -528,7 +358,7 @@ class Checkpoint(TensorSource):
                     fd = self._fds[file] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as e:
                     raise CheckpointError(
-                        f"{_where(self.label, file)}: cannot read: {e.strerror or e}"
+                        f"{file_label(self.label, file)}: cannot read: {e.strerror or e}"
                     ) from e
             return fd
 
@@ -567,7 +397,7 @@ class Checkpoint(TensorSource):
                     with open(file, "rb") as f:
                         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError) as e:
-                    raise CheckpointError(f"{_where(self.label, file)}: cannot map: {e}") from e
+                    raise CheckpointError(f"{file_label(self.label, file)}: cannot map: {e}") from e
                 self._maps[file] = mapped
             return mapped
 

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from _ckpt_utils import snapshot_files, tiny_state_dict, write_bin, write_config, write_safetensors
-from merge.checkpoint import Checkpoint, read_safetensors_header
+from merge.checkpoint import Checkpoint
 from merge.errors import CheckpointError
+from merge.headers import read_safetensors_header
 
 
 def assert_reads_equal(ckpt: Checkpoint, sd: dict[str, torch.Tensor]) -> None:

@@ -44,8 +44,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from merge.checkpoint import Checkpoint, TensorInfo, check_layout, header_entry, read_headers
+from merge.checkpoint import Checkpoint
 from merge.errors import CheckpointError
+from merge.headers import TensorInfo, check_layout, header_entry, read_headers
 from merge.hub.download import _first_line, _hub_errors, hub_or_cache, no_weights, select_files
 from merge.outdir import existing_ancestor
 
