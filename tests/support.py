@@ -37,3 +37,21 @@ def fill(name: str, n: int, **given: Any) -> dict[str, Any]:
             value = [value] * n
         params[p.name] = value
     return params
+
+
+def cpu_and_device_bytes(path: Path, tmp_path: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """The shard bytes of recipe ``path`` executed on the CPU (one thread) and through the
+    device path on the simulated device of ``merge.device`` (three threads, 1 MB of VRAM)."""
+    from test_parallel import shard_bytes
+
+    from merge.execute import execute
+    from merge.resources import Resources
+
+    outs = []
+    for dev, threads in ((None, 1), (torch.device("cpu"), 3)):
+        out = tmp_path / f"out-{dev}"
+        out.mkdir()
+        with api.planned(path) as p:
+            execute(p, out, progress=False, resources=Resources(threads, 10**9, dev, vram=10**6))
+        outs.append(shard_bytes(out))
+    return outs[0], outs[1]

@@ -25,6 +25,7 @@ from merge.execute import execute
 from merge.methods import get_method
 from merge.pipeline import run_jobs
 from merge.resources import Resources
+from support import cpu_and_device_bytes
 
 
 def streams(name: str, params: dict[str, Any]) -> tuple[Any, list[torch.Tensor], Any]:
@@ -242,15 +243,8 @@ def test_device_path_writes_the_cpu_bytes(
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 96)  # several chunks per tensor
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipes(llama_base, llama_ft1, llama_ft2)[method]))
-    outs = []
-    for dev, threads in ((None, 1), (torch.device("cpu"), 3)):
-        out = tmp_path / f"out-{dev}"
-        out.mkdir()
-        with api.planned(path) as p:
-            res = Resources(threads, 10**9, dev, vram=10**6)
-            execute(p, out, progress=False, resources=res)
-        outs.append(shard_bytes(out))
-    assert outs[0] == outs[1]
+    cpu, device = cpu_and_device_bytes(path, tmp_path)
+    assert cpu == device
 
 
 def test_whole_jobs_run_on_the_device_when_they_fit_else_on_the_cpu(

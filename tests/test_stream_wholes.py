@@ -35,7 +35,7 @@ from merge.memory import job_peak_bytes, streamed
 from merge.noise import NOISE_BLOCK, noise_range
 from merge.vocab import align
 from merge.vocab.align import Alignment, align_rows
-from support import run_recipe
+from support import cpu_and_device_bytes, run_recipe
 from tiny import make_tiny
 from vocab_models import EXTRAS, make_vocab_model
 
@@ -298,17 +298,8 @@ def test_the_device_path_gives_the_cpu_bytes_for_the_newly_streamed_inputs(
     vocabulary tensors run on the host's aligned tensors (never the raw rows), LoRA-updated
     inputs stream their rows to the device; both give the CPU executor's bytes. (Copies,
     noised or not, never go to the device: ``merge.device.vram.placement``.)"""
-    from merge.execute import execute
-    from merge.resources import Resources
-
     chunked(monkeypatch, 96, blocks=True)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(family_recipe(kind, tmp_path, llama_base, vocab_abc)))
-    outs = []
-    for dev, threads in ((None, 1), (torch.device("cpu"), 3)):
-        out = tmp_path / f"out-{dev}"
-        out.mkdir()
-        with api.planned(path) as p:
-            execute(p, out, progress=False, resources=Resources(threads, 10**9, dev, vram=10**6))
-        outs.append(shard_bytes(out))
-    assert outs[0] == outs[1]
+    cpu, device = cpu_and_device_bytes(path, tmp_path)
+    assert cpu == device
