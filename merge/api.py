@@ -63,6 +63,7 @@ from merge.resume import (
     stale_siblings,
 )
 from merge.settings import applied, device_name
+from merge.shardplan import MIN_SHARD_BYTES, parse_size
 from merge.sources import pinned
 from merge.sourceset import (
     Model,
@@ -73,7 +74,6 @@ from merge.sourceset import (
     with_weights,
 )
 from merge.tokenizer import check_tokenizer, resolve_template, write_tokenizer
-from merge.writer import MIN_SHARD_BYTES, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -386,7 +386,7 @@ def run(
                     kept = _kept(p, tmp) if resume else None
                     journal.start(kept or {})
                     finite = FiniteCheck(strict_finite, warn)
-                    execute(
+                    shard_sha256 = execute(
                         p,
                         tmp,
                         progress=progress,
@@ -405,7 +405,7 @@ def run(
                         _write_card(p, tmp, inputs, license, warn)
                     check_models(p.models)  # the inputs as they were when planned
                     journal.remove()
-                    _write_manifest(p, tmp, inputs, lock_sha256, build_key)
+                    _write_manifest(p, tmp, inputs, lock_sha256, build_key, shard_sha256)
             except KeyboardInterrupt:
                 if partial_dir(target).is_dir():
                     raise interrupted(target, len(p.jobs)) from None
@@ -432,11 +432,18 @@ def _write_card(
 
 
 def _write_manifest(
-    p: Plan, tmp: Path, inputs: list[InputId], lock_sha256: str | None, build_key: str | None
+    p: Plan,
+    tmp: Path,
+    inputs: list[InputId],
+    lock_sha256: str | None,
+    build_key: str | None,
+    shard_sha256: dict[str, str],
 ) -> None:
-    """merge-manifest.json, last: it lists every other file of the output."""
+    """merge-manifest.json, last: it lists every other file of the output (the shards by the
+    sha256 hashed while they were written)."""
     manifest = make_manifest(
         tmp,
+        known=shard_sha256,
         recipe_text=p.recipe.text,
         seed=p.seed,
         inputs=inputs,

@@ -285,13 +285,14 @@ def execute(
     finite: FiniteCheck | None = None,
     journal: Journal | None = None,
     resume: dict[str, str] | None = None,
-) -> None:
+) -> dict[str, str]:
     """Write every output tensor of ``plan`` as safetensors shards into ``directory``
     (``computed``: the tensors of the plan's computed jobs, by name), running jobs in
     parallel within ``resources`` (default: ``Resources.resolve()``); ``finite`` checks every
     output chunk (``merge.finite``; default: warnings dropped, not strict). ``journal``
     records each finished tensor; ``resume`` (an interrupted run's journaled tensors) skips
-    those whose bytes in ``directory`` still hash as recorded (``merge.resume``)."""
+    those whose bytes in ``directory`` still hash as recorded (``merge.resume``). Returns each
+    shard's sha256 by file name, hashed from the files as they were written."""
     metadata = {"format": "pt", "merged_with": "merge", "merge_method": plan.method.name}
     res = resources or Resources.resolve()
     show = progress and sys.stderr.isatty()
@@ -301,6 +302,7 @@ def execute(
         writer = ShardWriter(directory, plan.shards, metadata, journal=journal, resume=resume)
         with writer:
             _run_into(plan, writer, trimmed, show, computed, res, finite)
+    return writer.shard_sha256
 
 
 def execute_into(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merge.methods import Method
-from merge.writer import ShardPlan
+from merge.shardplan import ShardPlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from merge.moe.layout import MoeLayout

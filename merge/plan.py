@@ -28,9 +28,9 @@ from merge.planjobs import Ctx, models_jobs, slices_jobs
 from merge.recipe import Recipe
 from merge.recipe.checks import did_you_mean, method_inputs
 from merge.recipe.model import Part
+from merge.shardplan import TensorSpec, plan_shards
 from merge.sourceset import Model
 from merge.vocab import build_vocab, has_setting, sizes_differ
-from merge.writer import TensorSpec, plan_shards
 
 MAX_LISTED = 25
 

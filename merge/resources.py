@@ -16,7 +16,7 @@ import torch
 from merge.device.vram import DEFAULT_VRAM_FRACTION, free_vram
 from merge.errors import MergeError
 from merge.memory import DEFAULT_FRACTION, available_memory, default_threads
-from merge.writer import parse_size
+from merge.shardplan import parse_size
 
 
 @dataclass(frozen=True)

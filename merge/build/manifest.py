@@ -12,7 +12,8 @@ recipe from the same lock write the same manifest.
 
 Input hashes come from ``merge.build.hashing`` (cached; Hub weight files by their blob names)
 and are computed on a background thread while the merge runs (``InputHashes``); output files
-are hashed after they are written, several at a time.
+are hashed after they are written, several at a time, except the shards: the writer hashes
+those from the files while it writes them (``merge.shardhash``) and passes their digests in.
 
 ``verify(out)`` recomputes every output file's size and sha256 (never from the cache: it reads
 every byte) and reports each file that is missing, differs or is not in the manifest.
@@ -119,9 +120,16 @@ def make_manifest(
     inputs: list[InputId],
     lock_sha256: str | None = None,
     build_key: str | None = None,
+    known: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of the files now in ``out``."""
-    files = hash_files(out, output_files(out))
+    """The manifest of the files now in ``out``; ``known`` (path -> sha256) gives the digests
+    of files already hashed from their bytes on disk (the shards, as the writer wrote them)."""
+    known = known or {}
+    names = output_files(out)
+    files = hash_files(out, [n for n in names if n not in known])
+    for name in names:
+        if name in known:
+            files[name] = {"size": (out / name).stat().st_size, "sha256": known[name]}
     return {
         "version": FORMAT_VERSION,
         "tool": TOOL,

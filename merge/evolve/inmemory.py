@@ -39,9 +39,9 @@ from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe, parse_recipe
 from merge.resources import Resources
 from merge.settings import applied, device_name
+from merge.shardplan import TensorSpec
 from merge.sourceset import Model, close_models, iter_unique_dirs, open_models
 from merge.tokenizer import resolve_template, write_tokenizer
-from merge.writer import TensorSpec
 
 RecipeLike = str | Path | Recipe | Mapping[str, Any]
 ONE_SHARD = 2**62  # the shard layout does not matter in memory

@@ -23,8 +23,8 @@ import torch
 from merge.errors import PlanError
 from merge.jobs import DTYPES, Plan
 from merge.settings import remote_code
+from merge.shardplan import TensorSpec
 from merge.sink import check_part, check_whole
-from merge.writer import TensorSpec
 
 MAX_LISTED = 10
 

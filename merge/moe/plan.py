@@ -43,8 +43,8 @@ from merge.moe.families import output_config as family_config
 from merge.moe.layout import MoeLayout, layout_jobs
 from merge.moe.prompts import prompt_problems
 from merge.moe.recipe import ExpertSpec, MoeRecipe, shared_problem
+from merge.shardplan import TensorSpec, plan_shards
 from merge.sourceset import Model
-from merge.writer import TensorSpec, plan_shards
 
 ATTN_BIAS_RE = re.compile(r"\.self_attn\.(\w+)\.bias$")
 MLP_BIAS_RE = re.compile(r"\.mlp\.\w+\.bias$")
