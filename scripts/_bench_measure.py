@@ -11,7 +11,9 @@ forked parent before ``exec``); peak anonymous memory is the largest sampled tre
 
 The I/O floor is itself a measured command: a bare ``python`` (no imports beyond the standard
 library, so its start-up is included) that reads every input file once in 16 MiB chunks and writes
-an output of a given size to the output's filesystem, without fsync, then deletes it.
+an output of a given size to the output's filesystem, without fsync, then deletes it; it prints
+how long the reads and the writes took (``Sample.parts``), since on a virtual machine the
+writes (the kernel finding fresh page-cache pages) can vary several times from run to run.
 
 Not done here: dropping the page cache (runs are measured warm, as a user re-running a merge
 sees them), or per-thread CPU breakdowns (use py-spy for that).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -33,20 +36,24 @@ TREE_EVERY = 10  # samples between walks of the process tree
 CHUNK = 16 * 2**20
 
 FLOOR_CODE = """
-import os, sys
+import os, sys, time
 out, nbytes, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 buf = bytearray(16 * 2**20)
 view = memoryview(buf)
+start = time.perf_counter()
 for name in files:
     with open(name, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
+read = time.perf_counter()
 with open(out, "wb", buffering=0) as f:
     left = nbytes
     while left > 0:
         left -= f.write(view[: min(left, len(buf))])
 os.unlink(out)
+print(f"floor read_s={read - start:.4f} write_s={time.perf_counter() - read:.4f}")
 """
+FLOOR_LINE = re.compile(r"floor read_s=([0-9.]+) write_s=([0-9.]+)")
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Sample:
     peak_anon: int
     returncode: int
     error: str = ""
+    parts: dict[str, float] | None = None  # the floor's read_s and write_s
 
     @property
     def cpu_util(self) -> float:
@@ -162,7 +170,11 @@ def floor(files: list[Path], out_bytes: int, scratch: Path, log: Path) -> Sample
     scratch.mkdir(parents=True, exist_ok=True)
     target = scratch / "floor.bin"
     cmd = [sys.executable, "-c", FLOOR_CODE, str(target), str(out_bytes)]
-    return measure(cmd + [str(f) for f in files], log)
+    sample = measure(cmd + [str(f) for f in files], log)
+    found = FLOOR_LINE.search(log.read_text(errors="replace")) if sample.returncode == 0 else None
+    if found:
+        sample.parts = {"read_s": float(found.group(1)), "write_s": float(found.group(2))}
+    return sample
 
 
 def dir_bytes(path: Path) -> int:

@@ -2,8 +2,10 @@
 
 Design: a pure function of the JSON result written by ``scripts/bench.py`` (so a table can be
 rebuilt from a saved result: ``python scripts/_bench_report.py result.json``). Times are medians
-with the minimum in parentheses; memory is the worst peak over the runs, in MB (10^6 bytes); CPU is
-CPU time over wall time (1.0 = one core busy throughout). A failed run shows as ``failed``.
+with the minimum in parentheses (ours/floor: the ratio of the medians, then of the minima);
+memory is the worst peak over the runs, in MB (10^6 bytes); CPU is CPU time over wall time
+(1.0 = one core busy throughout). A failed run shows as ``failed``. Below the table: the floor's
+read and write times, and the ``--profile`` summaries as a table of shares.
 
 Not done here: plots, or comparisons between result files.
 """
@@ -86,7 +88,8 @@ def to_markdown(result: dict) -> str:  # type: ignore[type-arg]
         cells.append(_time(row.get("floor")))
         if compare:
             cells.append(_ratio(row, "ours_over_mergekit"))
-        cells.append(_ratio(row, "ours_over_floor"))
+        low = _ratio(row, "ours_over_floor_min")
+        cells.append(_ratio(row, "ours_over_floor") + (f" ({low})" if low != "-" else ""))
         cells += [_pair(row, "peak_rss", _mem), _pair(row, "peak_anon", _mem)]
         cells.append(_pair(row, "cpu_util", _cpu))
         size = ours.get("output_bytes") if isinstance(ours, dict) else None
@@ -103,7 +106,53 @@ def to_markdown(result: dict) -> str:  # type: ignore[type-arg]
         if isinstance(row.get(tool), dict) and not row[tool].get("ok")
     ]
     notes = "\nFailed runs:\n" + "\n".join(failures) + "\n" if failures else ""
-    return header(result) + "\n" + "\n".join(lines) + "\n" + notes
+    return (
+        header(result)
+        + "\n"
+        + "\n".join(lines)
+        + "\n"
+        + notes
+        + _floor_parts(result)
+        + (profile_table(result))
+    )
+
+
+def _floor_parts(result: dict) -> str:  # type: ignore[type-arg]
+    """One line: the floor's median read and write times per recipe."""
+    got = [
+        f"`{r['recipe']}` {f['read_median_s']:.2f} + {f['write_median_s']:.2f}"
+        for r in result["results"]
+        if isinstance(f := r.get("floor"), dict) and "read_median_s" in f
+    ]
+    return "\nI/O floor, read + write s (medians): " + ", ".join(got) + ".\n" if got else ""
+
+
+def profile_table(result: dict) -> str:  # type: ignore[type-arg]
+    """The ``--profile`` summaries: share of samples per category, one column per recipe."""
+    rows = [r for r in result["results"] if isinstance(r.get("profile"), dict)]
+    rows = [r for r in rows if "categories" in r["profile"]]
+    if not rows:
+        return ""
+    names: list[str] = []
+    for r in rows:
+        names += [c["name"] for c in r["profile"]["categories"] if c["name"] not in names]
+    cols = ["where the samples went"] + [f"`{r['recipe']}`" for r in rows]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name in names:
+        cells = [name]
+        for r in rows:
+            found = [c for c in r["profile"]["categories"] if c["name"] == name]
+            cells.append(f"{found[0]['share'] * 100:.1f}%" if found else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    seconds = ", ".join(
+        f"`{r['recipe']}` {r['profile']['samples'] / r['profile']['rate']:.1f} s" for r in rows
+    )
+    return (
+        f"\nProfile of one more run of ours per recipe (py-spy, {rows[0]['profile']['rate']} "
+        f"samples/s of every busy thread; thread-seconds sampled: {seconds}):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ allocator's ``max_memory_allocated``), reported as ``vram_peak`` with the ratio
 ``gpu_over_cpu`` of median wall times. The ``7b`` preset (Mistral-7B's shape) needs about 58 GB
 of disk for its four models (14.5 GB each, generated one tensor at a time) plus an output.
 
+The floor also reports its read and write times separately (on a virtual machine the writes,
+which make the kernel find fresh page-cache pages, can vary several times from run to run), and
+the ratios include ``ours_over_floor_min``, of the minimum times (noise only ever slows a run).
+``--profile`` adds one more run of ours per recipe under ``py-spy`` (installed with the ``dev``
+extra), summarized by ``_bench_profile`` into where the samples of every thread went (start-up,
+reads, the method, checks, writes, hashing, waiting), kept in the JSON and the markdown.
+
 ``--offline`` runs another scenario instead (``_bench_offline``): ``merge validate`` of a recipe
 with ``--hub-models`` Hub models while the Hub (``--endpoint``) cannot be reached, timed as a
 subprocess, printed as one line (wall time, number of models) and written to ``--out``.
@@ -48,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench_measure as bm  # noqa: E402
+import _bench_profile as bp  # noqa: E402
 from _bench_models import PRESETS, ensure_models, parameter_count  # noqa: E402
 from _bench_offline import UNREACHABLE, offline_line, run_offline  # noqa: E402
 from _bench_report import to_markdown  # noqa: E402
@@ -153,6 +161,7 @@ def _sample_dict(s: bm.Sample) -> dict[str, object]:
         "peak_anon": s.peak_anon,
         "returncode": s.returncode,
         **({"error": s.error} if s.error else {}),
+        **(s.parts or {}),
     }
 
 
@@ -170,7 +179,11 @@ def summarize(samples: list[bm.Sample], output_bytes: int = 0) -> dict[str, obje
         peak_rss=max(s.peak_rss for s in ok),
         peak_anon=max(s.peak_anon for s in ok),
         output_bytes=output_bytes,
+        cpu_median_s=round(statistics.median(s.cpu_s for s in ok), 4),
     )
+    parts = [s.parts for s in ok if s.parts]
+    for key in sorted({k for p in parts for k in p}):
+        summary[f"{key[:-2]}_median_s"] = round(statistics.median(p[key] for p in parts), 4)
     return summary
 
 
@@ -234,7 +247,24 @@ def bench_recipe(name: str, models: list[Path], args: argparse.Namespace) -> dic
     if vram:
         row["ours_gpu"]["vram_peak"] = max(vram)  # type: ignore[index]
     row["ratios"] = _ratios(row)
+    if args.profile:
+        row["profile"] = _profile(args, recipe, name)
     return row
+
+
+def _profile(args: argparse.Namespace, recipe: Path, name: str) -> dict[str, object]:
+    """One more run of ours under py-spy, summarized (``_bench_profile``)."""
+    out = args.workdir / "out" / "profile" / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = args.workdir / "logs" / f"profile-{name}.txt"
+    os.sync()
+    try:
+        return bp.profile(
+            _command("ours", args, recipe, out, False), raw, env={**os.environ, **ENV}
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _ratios(row: dict[str, object]) -> dict[str, float]:
@@ -251,6 +281,9 @@ def _ratios(row: dict[str, object]) -> dict[str, float]:
         ratios["ours_over_mergekit"] = round(ours / mk, 3)
     if ours and floor:
         ratios["ours_over_floor"] = round(ours / floor, 3)
+    low = [row.get(t, {}).get("wall_min_s") for t in ("ours", "floor")]  # type: ignore[attr-defined]
+    if all(low):
+        ratios["ours_over_floor_min"] = round(low[0] / low[1], 3)
     return ratios
 
 
@@ -333,6 +366,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-outputs",
         action="store_true",
         help="keep each tool's last output under WORKDIR/out (default: deleted once measured)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more run of ours per recipe under py-spy: where its time goes",
     )
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     p.add_argument("--markdown", type=Path, default=None, help="markdown table file")

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import _bench_measure as bm  # noqa: E402
+import _bench_profile as bp  # noqa: E402
+import _bench_report as br  # noqa: E402
 import bench  # noqa: E402
 from _bench_models import PRESETS, ensure_models, parameter_count, tensor_shapes  # noqa: E402
 
@@ -86,6 +88,8 @@ def test_floor_reads_inputs_and_leaves_nothing(tmp_path: Path) -> None:
     data.write_bytes(b"x" * 3_000_000)
     s = bm.floor([data], 5_000_000, tmp_path / "scratch", tmp_path / "f.log")
     assert s.returncode == 0 and s.cpu_s > 0
+    assert s.parts is not None and set(s.parts) == {"read_s", "write_s"}
+    assert 0 < s.parts["read_s"] + s.parts["write_s"] < s.wall_s
     assert list((tmp_path / "scratch").iterdir()) == []
     missing = bm.floor([tmp_path / "nope"], 1, tmp_path / "scratch", tmp_path / "g.log")
     assert missing.returncode != 0
@@ -195,3 +199,43 @@ def test_bench_device_runs_ours_on_the_gpu_and_reports_vram(tmp_path: Path) -> N
     assert 7.0e9 < result["parameters_per_model"] < 7.5e9  # Mistral-7B's shape
     table = to_markdown(result)
     assert "GPU/CPU" in table and "| 0.50 | 52 |" in table
+
+
+def _stack(*frames: tuple[str, str]) -> str:
+    return ";".join(f"{func} ({file}:1)" for func, file in frames)
+
+
+def test_profile_samples_go_to_what_the_innermost_merge_frame_does() -> None:
+    """Raw py-spy lines (``stack count``): imports win, then a waiting leaf, then the
+    innermost frame of the merge package; the table shows each category's share."""
+    run = ("run", "merge/cli.py")
+    job = ("_stream_job", "merge/execute.py")
+    chunks = ("merge_chunks", "merge/methods/stream.py")
+    raw = "\n".join(
+        [
+            _stack(run, ("_find_and_load", "<frozen importlib._bootstrap>"), ("x", "torch/a.py"))
+            + " 30",
+            _stack(job, chunks, ("linear", "merge/methods/linear.py")) + " 40",
+            _stack(job, chunks, ("read", "merge/reads.py"), ("_pread", "merge/checkpoint.py"))
+            + " 20",
+            _stack(job, ("emit", "merge/execute.py"), ("_pwrite_all", "merge/writer.py")) + " 5",
+            _stack(("_loop", "merge/shardhash.py"), ("_next", "merge/shardhash.py"))
+            + ";Condition.wait (threading.py:320) 4",
+            _stack(("_loop", "merge/shardhash.py")) + " 1",
+            "garbage line",
+        ]
+    )
+    got = bp.summarize(raw, rate=100)
+    shares = {c["name"]: c["samples"] for c in got["categories"]}  # type: ignore[index]
+    assert got["samples"] == 100
+    assert shares == {
+        bp.IMPORTS: 30,
+        "method math": 40,
+        "reading (preadv)": 20,
+        "writing (pwrite)": 5,
+        bp.WAITING: 4,
+        "hashing: shard sha256 (manifest)": 1,
+    }
+    result = {"results": [{"recipe": "linear", "profile": got}]}
+    table = br.profile_table(result)
+    assert "| method math | 40.0% |" in table and "`linear` 1.0 s" in table
