@@ -24,19 +24,14 @@ router gates after planning and before opening the output, prints the routing re
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merge import __version__
-from merge.build.inputs import InputId
 from merge.build.locked import LockUse, use_lock
-from merge.build.manifest import InputHashes, make_manifest, sha256_text, write_manifest
-from merge.card.output import LOCK_NAME, RECIPE_NAME, STAGES_LOCK_NAME, STAGES_NAME
-from merge.card.output import write as write_card_files
+from merge.build.manifest import InputHashes
 from merge.device.vram import VramPlan, device_peak_line, vram_plan
 from merge.errors import OutputError
 from merge.execute import execute
@@ -44,10 +39,17 @@ from merge.finite import FiniteCheck
 from merge.hub import check_download_space
 from merge.inputstate import check_models, journal_inputs, resume_problems
 from merge.jobs import Plan
-from merge.links import TAGALONG_FILES, inside
 from merge.memory import MemoryPlan, memory_plan
 from merge.moe.recipe import MoeRecipe
 from merge.outdir import AtomicOutput, check_disk_space, check_output_location
+from merge.outputfiles import (
+    check_tokenizer_files,
+    copy_lock,
+    dropped_template,
+    write_extras,
+    write_model_card,
+    write_run_manifest,
+)
 from merge.plan import make_plan
 from merge.recipe import Recipe, load_recipe  # noqa: F401 (re-exported for the CLI)
 from merge.resources import Resources
@@ -73,7 +75,6 @@ from merge.sourceset import (
     remote_models,
     with_weights,
 )
-from merge.tokenizer import check_tokenizer, resolve_template, write_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -214,65 +215,6 @@ def _check_output(p: Plan, out: Path, overwrite: bool, resume: bool = False) -> 
         raise OutputError(problems)
 
 
-def _generation_config(p: Plan) -> Path | None:
-    """generation_config.json of the config donor, else of the tokenizer donor, else of the
-    first model (recipe order) that has one: always carried, whatever the tokenizer path."""
-    for ref in dict.fromkeys([p.donor, p.tokenizer_donor, *p.models]):
-        folder = p.models[ref].directory
-        path = folder / "generation_config.json"
-        if path.is_file():
-            return inside(path, folder, ref)
-    return None
-
-
-def writes_tokenizer(p: Plan, copy_tokenizer: bool) -> bool:
-    """Whether the output gets tokenizer files: always when a recipe tokenizer setting built
-    the output's vocabulary, else unless ``--no-copy-tokenizer`` (as mergekit)."""
-    return copy_tokenizer or p.vocab is not None
-
-
-def _check_tokenizer(p: Plan, copy_tokenizer: bool) -> None:
-    """Before any tensor: the chat template and the donor's tokenizer configs can be read."""
-    if writes_tokenizer(p, copy_tokenizer):
-        donor = p.models[p.tokenizer_donor].directory
-        dirs = iter_unique_dirs(p.models)
-        check_tokenizer(donor, p.recipe.chat_template, dirs, p.vocab is not None)
-
-
-def write_extras(p: Plan, out: Path, *, copy_tokenizer: bool = True) -> None:
-    """config.json, generation_config.json, tokenizer (``writes_tokenizer``) and the recipe
-    (the model card comes later, with the inputs' identities: ``merge.card.output``)."""
-    (out / "config.json").write_text(json.dumps(p.config, indent=2) + "\n", encoding="utf-8")
-    gen = _generation_config(p)
-    if gen is not None:
-        (out / "generation_config.json").write_bytes(gen.read_bytes())
-    for name in TAGALONG_FILES:
-        path = p.models[p.donor].directory / name
-        if path.is_file():
-            (out / name).write_bytes(inside(path, path.parent, p.donor).read_bytes())
-    if writes_tokenizer(p, copy_tokenizer):
-        template = resolve_template(p.recipe.chat_template, iter_unique_dirs(p.models))
-        built = p.vocab.tokenizer if p.vocab else None
-        added = p.vocab.added if p.vocab else []
-        write_tokenizer(p.models[p.tokenizer_donor].directory, out, template, built, added)
-    (out / RECIPE_NAME).write_text(p.recipe.text, encoding="utf-8")
-
-
-def _copy_lock(p: Plan, lock: LockUse | None, out: Path, stages_text: str | None) -> None:
-    """The lock the run used, as ``merge-recipe.lock`` beside ``merge-recipe.yaml``, when it
-    is the lock of exactly that text: ``merge run --locked OUT/merge-recipe.yaml`` then
-    rebuilds OUT. A multi-stage build's final output (``stages_text``: the whole file) gets
-    the whole file as ``merge-stages.yaml`` and, when the lock is that file's, its lock as
-    ``merge-stages.lock``: ``merge run --locked OUT/merge-stages.yaml`` rebuilds every stage."""
-    if stages_text is not None:
-        (out / STAGES_NAME).write_text(stages_text, encoding="utf-8")
-        if lock is not None and lock.lock.recipe_sha256 == sha256_text(stages_text):
-            (out / STAGES_LOCK_NAME).write_bytes(lock.lock.path.read_bytes())
-        return
-    if lock is not None and lock.lock.recipe_sha256 == sha256_text(p.recipe.text):
-        (out / LOCK_NAME).write_bytes(lock.lock.path.read_bytes())
-
-
 def _gates(
     p: Plan, progress: bool, warn: Callable[[str], None] | None, info: Callable[[str], None] | None
 ) -> dict[str, torch.Tensor] | None:
@@ -366,7 +308,7 @@ def run(
     ) as first:
         if warn is not None:
             mem, on_device = memory(first, resources), vram(first, resources)
-            dropped = _dropped(first, copy_tokenizer)
+            dropped = dropped_template(first, copy_tokenizer)
             mem_warnings = [*mem.warnings(), *(on_device.warnings() if on_device else [])]
             for w in [*first.warnings, *mem_warnings, *dropped, *stale_siblings(target)]:
                 warn(w)
@@ -375,7 +317,7 @@ def run(
             inputs_now = journal_inputs(p.models)
             if resume:
                 _check_resumable(target, inputs_now)
-            _check_tokenizer(p, copy_tokenizer)
+            check_tokenizer_files(p, copy_tokenizer)
             computed = _gates(p, progress, warn, info)
             hashes = InputHashes(p.models)
             try:
@@ -399,13 +341,13 @@ def run(
                     if info is not None and resources.device is not None:
                         info(device_peak_line(resources))
                     write_extras(p, tmp, copy_tokenizer=copy_tokenizer)
-                    _copy_lock(p, lock, tmp, stages_text)
+                    copy_lock(p, lock, tmp, stages_text)
                     inputs = hashes.result()
                     if write_card:
-                        _write_card(p, tmp, inputs, license, warn)
+                        write_model_card(p, tmp, inputs, license, warn)
                     check_models(p.models)  # the inputs as they were when planned
                     journal.remove()
-                    _write_manifest(p, tmp, inputs, lock_sha256, build_key, shard_sha256)
+                    write_run_manifest(p, tmp, inputs, lock_sha256, build_key, shard_sha256)
             except KeyboardInterrupt:
                 if partial_dir(target).is_dir():
                     raise interrupted(target, len(p.jobs)) from None
@@ -413,44 +355,6 @@ def run(
             finally:
                 hashes.cancel()
     return target
-
-
-def _write_card(
-    p: Plan,
-    tmp: Path,
-    inputs: list[InputId],
-    license: str | None,
-    warn: Callable[[str], None] | None,
-) -> None:
-    """README.md and merge-card.json from the plan and the resolved inputs; their warnings."""
-    said = write_card_files(
-        p, tmp, [i.as_dict() for i in inputs], tool_version=__version__, license=license
-    )
-    if warn is not None:
-        for w in said:
-            warn(w)
-
-
-def _write_manifest(
-    p: Plan,
-    tmp: Path,
-    inputs: list[InputId],
-    lock_sha256: str | None,
-    build_key: str | None,
-    shard_sha256: dict[str, str],
-) -> None:
-    """merge-manifest.json, last: it lists every other file of the output (the shards by the
-    sha256 hashed while they were written)."""
-    manifest = make_manifest(
-        tmp,
-        known=shard_sha256,
-        recipe_text=p.recipe.text,
-        seed=p.seed,
-        inputs=inputs,
-        lock_sha256=lock_sha256,
-        build_key=build_key,
-    )
-    write_manifest(tmp, manifest)
 
 
 def _check_resumable(target: Path, inputs: dict[str, list[int]]) -> None:
@@ -469,10 +373,3 @@ def _kept(p: Plan, tmp: Path) -> dict[str, str]:
     found, done = read_journal(tmp)
     clear_for_resume(tmp, {s.filename for s in p.shards.shards})
     return done if found == plan_identity(p) else {}
-
-
-def _dropped(p: Plan, copy_tokenizer: bool) -> list[str]:
-    """The warning for a chat template that no tokenizer file will carry."""
-    if p.recipe.chat_template is None or writes_tokenizer(p, copy_tokenizer):
-        return []
-    return ["chat_template is set but --no-copy-tokenizer writes no tokenizer; it is not saved"]
