@@ -27,12 +27,12 @@ def linear(
     weights = [float(w) for w in params["weight"]]
     if len(weights) != len(tensors):
         raise ValueError(f"linear: {len(tensors)} tensors but {len(weights)} weights")
-    out = tensors[0] * weights[0]
+    out = tensors[0] * weights[0]  # a new tensor: the in-place steps below round as out = ...
     for x, w in zip(tensors[1:], weights[1:], strict=True):
-        out = out + x * w
+        out.add_(x * w)
     total = sum(weights)
     if params["normalize"] and total != 0:
-        out = out / total
+        out.div_(total)
     return out
 
 
