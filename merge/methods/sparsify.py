@@ -158,9 +158,10 @@ def _row_order(mags: Tensor) -> Tensor:
     if mags.device.type != "cpu" or mags.shape[-1] >= 2**31:
         return torch.argsort(mags, dim=-1, stable=True)
     columns = torch.arange(mags.shape[-1], dtype=torch.int64)
-    keys = (mags.contiguous().view(torch.int32).to(torch.int64) << 32) | columns
-    ordered = np.sort(keys.numpy(), axis=-1)
-    return torch.from_numpy(ordered & 0xFFFFFFFF)
+    keys = mags.contiguous().view(torch.int32).to(torch.int64)  # the one int64 buffer
+    keys.bitwise_left_shift_(32).bitwise_or_(columns)
+    keys.numpy().sort(axis=-1)  # in place
+    return keys.bitwise_and_(0xFFFFFFFF)
 
 
 def draw(d: Tensor, rng: torch.Generator | None, what: str) -> Tensor:
