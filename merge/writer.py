@@ -123,24 +123,28 @@ class ShardWriter:
         self.journal = journal
         self.done: dict[str, str] = {}  # name -> CRC-32 of the tensors finished and verified
         # With a journal: each tensor's CRC-32, from the bytes as they are written when
-        # its parts come in order (name -> (hash, next element)); else re-read at finish.
+        # its parts come in order (name -> (CRC-32, next element)); else re-read at finish.
         self._digests: dict[str, tuple[int, int] | None] = {}
         self._hasher: ShardHasher | None = None
-        self._present: list[tuple[int, int, int]] = []  # (shard, start, stop) already there
         self.shard_sha256: dict[str, str] = {}  # file name -> sha256, once closed
+        present: list[tuple[int, int, int]] = []
         try:
             for shard in plan.shards:
-                self._open_shard(shard, resume)
+                present += self._open_shard(shard, resume)
             self._hasher = ShardHasher(
                 [self._paths[fd] for fd in self._fds], [os.fstat(fd).st_size for fd in self._fds]
             )
-            for index, start, stop in self._present:
+            for index, start, stop in present:
                 self._hasher.add(index, start, stop)
         except BaseException:
             self.abort()
             raise
 
-    def _open_shard(self, shard: Shard, resume: dict[str, str] | None) -> None:
+    def _open_shard(
+        self, shard: Shard, resume: dict[str, str] | None
+    ) -> list[tuple[int, int, int]]:
+        """Create (or, resuming, reopen) one shard; its byte ranges already in place (the
+        header, kept tensors) as (shard, start, stop)."""
         header = _header_bytes(shard, self.metadata)
         path = self.directory / shard.filename
         fd = self._reopen(path, header, len(header) + shard.nbytes) if resume else None
@@ -161,7 +165,7 @@ class ShardWriter:
         self._index[fd] = index
         self._turns[fd] = threading.Lock()
         offset = len(header)
-        self._present.append((index, 0, offset))
+        present = [(index, 0, offset)]
         for spec in shard.tensors:
             self._where[spec.name] = (fd, offset, spec)
             self._left[spec.name] = spec.nbytes
@@ -169,8 +173,9 @@ class ShardWriter:
                 self._left[spec.name] = 0
                 self.written_bytes += spec.nbytes
                 self.done[spec.name] = resume[spec.name]
-                self._present.append((index, offset, offset + spec.nbytes))
+                present.append((index, offset, offset + spec.nbytes))
             offset += spec.nbytes
+        return present
 
     @staticmethod
     def _reopen(path: Path, header: bytes, size: int) -> int | None:
